@@ -1,0 +1,225 @@
+"""Where pixels become model inputs: CLIP preprocessing, frame resizing, patch lists and positions.
+
+Everything that turns an image or a stack of frames into `pixel_values` (dense `[B,C,H,W]` /
+`[B,C,T,H,W]`, or a patch list `[B,N,C*p*p]`) plus positions lives here, so that the codec selection,
+the dataset encoder and the quick-start helpers all normalise and order patches the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# OpenAI CLIP statistics, used by the published encoder for images and video frames.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+IMAGE_SIZE = 448  # published image preprocessing: short side 448, centre crop 448
+VIDEO_SIZE = 224  # published video frames: short side 224, centre crop 224
+RESIZE_MODES = ("crop", "letterbox")
+
+
+def image_processor(size: int = IMAGE_SIZE):
+    """The published image preprocessing as transformers' `CLIPImageProcessor`.
+
+    Bicubic resize of the short side to `size`, centre crop `size`×`size`, rescale to [0, 1], CLIP mean/std.
+    """
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": size},
+        resample=3,  # PIL bicubic
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+def save_preprocessor_config(directory: str | os.PathLike, size: int = IMAGE_SIZE) -> str:
+    """Write `preprocessor_config.json` for the published preprocessing into `directory`.
+
+    After this, `AutoImageProcessor.from_pretrained(directory)` gives the same `CLIPImageProcessor`.
+    Returns the path of the written file.
+    """
+    os.makedirs(directory, exist_ok=True)
+    image_processor(size).save_pretrained(directory)
+    return os.path.join(os.fspath(directory), "preprocessor_config.json")
+
+
+def temporal_slots(num_frames: int, temporal_size: int = 64) -> torch.Tensor:
+    """RoPE time slot of each of `num_frames` frames sampled uniformly over a clip.
+
+    The model's temporal grid has `temporal_size` slots; frame i of n gets `round(i / (n-1) * (slots-1))`,
+    i.e. the integers of `linspace(0, 63, n)` (16 frames -> 0, 4, 8, ..., 63). One frame gets slot 0.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_frames == 1:
+        return torch.zeros(1, dtype=torch.long)
+    return torch.linspace(0, temporal_size - 1, num_frames).round().long()
+
+
+def grid_positions(t_slots: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`[T*rows*cols, 3]` (t, row, col) positions of whole frames in raster order, one frame after another."""
+    t = t_slots.long().view(-1, 1, 1).expand(-1, rows, cols)
+    r = torch.arange(rows).view(1, -1, 1).expand(len(t_slots), rows, cols)
+    c = torch.arange(cols).view(1, 1, -1).expand(len(t_slots), rows, cols)
+    return torch.stack([t, r, c], dim=-1).reshape(-1, 3)
+
+
+@dataclass
+class FrameGeometry:
+    """Where the picture lies inside a resized `size`×`size` frame (letterbox leaves borders)."""
+
+    size: int
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def valid_patches(self, patch_size: int) -> torch.Tensor:
+        """`[rows, cols]` bool: patches that overlap the picture (False = pure padding)."""
+        n = self.size // patch_size
+        edges = torch.arange(n) * patch_size
+        rows = (edges + patch_size > self.top) & (edges < self.top + self.height)
+        cols = (edges + patch_size > self.left) & (edges < self.left + self.width)
+        return rows[:, None] & cols[None, :]
+
+
+def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[torch.Tensor, FrameGeometry]:
+    """Resize frames to a `size`×`size` square, as floats in [0, 1].
+
+    frames: uint8 `[T, H, W, 3]` (numpy or torch, as decoders give them).
+    mode: `"crop"` scales the short side to `size` and takes the centre (published probe/encoder setting);
+    `"letterbox"` scales the long side to `size` and centres the picture on a square filled with the CLIP
+    mean colour, so that padding normalises to exactly zero (published LMM setting).
+    Returns `[T, 3, size, size]` float32 and the geometry of the picture inside the square.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    x = torch.as_tensor(np.asarray(frames))
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w) if mode == "crop" else size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+    if mode == "crop":
+        top, left = (nh - size) // 2, (nw - size) // 2
+        return x[:, :, top : top + size, left : left + size].contiguous(), FrameGeometry(size, 0, 0, size, size)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1).repeat(x.shape[0], 1, size, size)
+    out[:, :, top : top + nh, left : left + nw] = x
+    return out, FrameGeometry(size, top, left, nh, nw)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP-normalise `[..., 3, H, W]` floats in [0, 1]."""
+    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`[..., C, H, W]` -> `[..., (H/p)*(W/p), C*p*p]`: raster-order patches, each flattened in (C, p, p)
+    order, the layout of the patch-embedding Conv2d weight (so a patch list embeds exactly like the image)."""
+    *lead, c, h, w = pixels.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"height {h} and width {w} must be multiples of the patch size {p}")
+    n = len(lead)
+    x = pixels.reshape(*lead, c, h // p, p, w // p, p)
+    x = x.permute(*range(n), n + 1, n + 3, n, n + 2, n + 4)  # [..., H/p, W/p, C, p, p]
+    return x.reshape(*lead, (h // p) * (w // p), c * p * p)
+
+
+def preprocess_video(frames, size: int = VIDEO_SIZE) -> torch.Tensor:
+    """Published video preprocessing of uint8 frames `[T, H, W, 3]` -> normalised `[3, T, size, size]`."""
+    x, _ = resize_frames(frames, size, mode="crop")
+    return normalize(x).transpose(0, 1).contiguous()
+
+
+def video_inputs(
+    pixel_values: torch.Tensor, patch_size: int, form: str = "patches", temporal_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Model inputs for a dense clip of T frames sampled uniformly over a video.
+
+    pixel_values: normalised `[B, C, T, H, W]`. The frames are placed at the 64-slot positions
+    `temporal_slots(T)` (e.g. 16 frames -> t = 0, 4, 8, ..., 63).
+    form: `"visible_indices"` returns the published form (the video plus flat indices
+    `t*h*w + row*w + col`, one per token, so the model only reads their positions) or `"patches"` returns
+    the patch-list form (`pixel_values [B, T*h*w, C*p*p]`, `patch_positions [B, T*h*w, 3]`).
+    """
+    if pixel_values.ndim != 5:
+        raise ValueError(f"pixel_values must be [B, C, T, H, W], got shape {tuple(pixel_values.shape)}")
+    b, _, t, h, w = pixel_values.shape
+    rows, cols = h // patch_size, w // patch_size
+    positions = grid_positions(temporal_slots(t, temporal_size), rows, cols).to(pixel_values.device)
+    if form == "visible_indices":
+        flat = positions[:, 0] * rows * cols + positions[:, 1] * cols + positions[:, 2]
+        return {"pixel_values": pixel_values, "visible_indices": flat.unsqueeze(0).expand(b, -1).contiguous()}
+    if form == "patches":
+        patches = patchify(pixel_values.transpose(1, 2), patch_size).flatten(1, 2)
+        return {"pixel_values": patches, "patch_positions": positions.unsqueeze(0).expand(b, -1, -1).contiguous()}
+    raise ValueError(f"form must be 'visible_indices' or 'patches', got {form!r}")
+
+
+@dataclass
+class PatchClip:
+    """One clip (or image) as a patch list: the form every sparse and codec input takes.
+
+    pixel_values: normalised `[K, C*p*p]` patches, (C, p, p) order; patch_positions: `[K, 3]` (t, row, col)
+    on the model's grid. Producers (codec selection, uniform frame sampling) may attach what they know
+    about where the patches came from.
+    """
+
+    pixel_values: torch.Tensor
+    patch_positions: torch.Tensor
+    frame_ids: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    path: str | None = None
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+def collate_patch_lists(clips) -> dict[str, torch.Tensor]:
+    """Pad patch lists of different lengths into one batch.
+
+    Accepts `PatchClip`s or `(pixel_values [K, D], patch_positions [K, 3])` pairs. Returns
+    `pixel_values [B, N, D]`, `patch_positions [B, N, 3]` and `attention_mask [B, N]` (1 = real, 0 = padding),
+    N being the longest clip. Padding is zeros at position (0, 0, 0); the model ignores it through the mask.
+    """
+    pairs = [(c.pixel_values, c.patch_positions) if isinstance(c, PatchClip) else tuple(c) for c in clips]
+    if not pairs:
+        raise ValueError("collate_patch_lists needs at least one clip")
+    dims = {pv.shape[-1] for pv, _ in pairs}
+    if len(dims) != 1:
+        raise ValueError(f"clips have different patch sizes (feature dims {sorted(dims)})")
+    for pv, pos in pairs:
+        if pv.ndim != 2 or pos.shape != (pv.shape[0], 3):
+            raise ValueError(f"each clip needs pixel_values [K, D] and patch_positions [K, 3], got "
+                             f"{tuple(pv.shape)} and {tuple(pos.shape)}")
+    n = max(pv.shape[0] for pv, _ in pairs)
+    b, d = len(pairs), dims.pop()
+    pixel_values = pairs[0][0].new_zeros(b, n, d)
+    positions = torch.zeros(b, n, 3, dtype=torch.long)
+    mask = torch.zeros(b, n, dtype=torch.long)
+    for i, (pv, pos) in enumerate(pairs):
+        k = pv.shape[0]
+        pixel_values[i, :k] = pv
+        positions[i, :k] = pos
+        mask[i, :k] = 1
+    return {"pixel_values": pixel_values, "patch_positions": positions, "attention_mask": mask}
