@@ -319,7 +319,8 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
             if pixel_values.shape[-1] != patch_dim:
                 raise ValueError(
                     f"a patch list needs pixel_values [B, N, {patch_dim}] (C*p*p with C={cfg.num_channels}, "
-                    f"p={p}), got last dimension {pixel_values.shape[-1]}"
+                    f"p={p}), got last dimension {pixel_values.shape[-1]} (for a single image [C, H, W], add "
+                    "the batch dimension)"
                 )
             if patch_positions is None:
                 raise ValueError("a patch list (pixel_values [B, N, C*p*p]) needs patch_positions [B, N, 3]")
