@@ -66,7 +66,8 @@ def test_bad_inputs_are_one_clear_error(tmp_path, make, message):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "frames", "budget": 64}, "only applies to mode 'codec'"),
-    ({"mode": "codec", "frames": 2, "budget": 513}, "between 1 and 512"),
+    ({"mode": "codec", "frames": 2, "budget": 513}, "between 256 .* and 512"),
+    ({"mode": "codec", "frames": 2, "budget": 255}, "between 256 .* and 512"),
     ({"mode": "image", "frames": 8}, "frames only apply"),
     ({"mode": "dense"}, "mode must be one of"),
 ])
@@ -104,7 +105,7 @@ def test_a_failing_input_comes_back_as_its_error_and_the_batch_goes_on(tmp_path)
     good = write_image(tmp_path / "good.png", width=64, height=48)
     corrupt_image = touch(tmp_path / "bad.png", b"\x89PNG but not really")
     corrupt_video = touch(tmp_path / "bad.mp4", b"\x00\x00\x00\x18ftypmp42 truncated")
-    dataset = EncodeDataset([corrupt_image, good, corrupt_video], Preprocessing.with_defaults("codec", 8, 64))
+    dataset = EncodeDataset([corrupt_image, good, corrupt_video], Preprocessing.with_defaults("codec", 8, 320))
     batch = collate_samples([dataset[i] for i in range(len(dataset))])
     assert [s.path for s in batch.loaded] == [good]
     assert [s.index for s in batch.failed] == [0, 2]

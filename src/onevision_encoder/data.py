@@ -142,10 +142,13 @@ class Preprocessing:
         elif self.frames is None or self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.mode == "codec":
-            candidates = self.frames * (self.video_size // self.patch_size) ** 2
-            if self.budget is None or not 1 <= self.budget <= candidates:
-                raise ValueError(f"budget must be between 1 and {candidates} ({self.frames} frames of "
-                                 f"{self.video_size} px in {self.patch_size} px patches), got {self.budget}")
+            # Selection keeps the first frame whole, so the budget holds at least one frame of patches.
+            per_frame = (self.video_size // self.patch_size) ** 2
+            candidates = self.frames * per_frame
+            if self.budget is None or not per_frame <= self.budget <= candidates:
+                raise ValueError(f"budget must be between {per_frame} (one whole frame) and {candidates} "
+                                 f"({self.frames} frames of {self.video_size} px in {self.patch_size} px "
+                                 f"patches), got {self.budget}")
         elif self.budget is not None:
             raise ValueError(f"budget only applies to mode 'codec', not {self.mode!r}")
         for name in ("video_size", "image_size"):

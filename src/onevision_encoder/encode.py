@@ -213,7 +213,7 @@ class Encoder:
             to_do = [j for j, chunk in enumerate(chunks) if _chunk_entries(out, j, chunk) is None]
             ranks.barrier()  # every rank has seen the same chunks to do before any shard is written
             mine = to_do[ranks.rank :: ranks.world_size]
-            self._encode_chunks(out, mine, chunks, show_progress=self.progress and ranks.rank == 0)
+            self._encode_chunks(out, mine, chunks, ranks.rank)
             ranks.barrier()
             if ranks.rank == 0:
                 self._write_index(out, chunks)
@@ -235,15 +235,16 @@ class Encoder:
             raise SettingsMismatch(f"{out} holds features made with other settings ({'; '.join(differences)}); "
                                    "use another output folder, or the settings it was made with")
 
-    def _encode_chunks(self, out: str, chunk_ids: list[int], chunks: list[list[str]], show_progress: bool) -> None:
+    def _encode_chunks(self, out: str, chunk_ids: list[int], chunks: list[list[str]], rank: int) -> None:
+        """Encode these chunks' inputs as one stream, writing each chunk's shard as soon as it is complete."""
         paths = [path for j in chunk_ids for path in chunks[j]]
         owners = [j for j in chunk_ids for _ in chunks[j]]
         pending: dict[int, list[ItemFeatures]] = {j: [] for j in chunk_ids}
-        for position, item in enumerate(self._encode_items(paths, show_progress)):
+        for position, item in enumerate(self._encode_items(paths, show_progress=self.progress and rank == 0)):
             j = owners[position]
             pending[j].append(item)
             if len(pending[j]) == len(chunks[j]):
-                write_shard(out, j, pending.pop(j), self.tokens)
+                write_shard(out, j, pending.pop(j), self.tokens, rank)
 
     def _write_index(self, out: str, chunks: list[list[str]]) -> None:
         records, failures = [], []

@@ -72,8 +72,9 @@ def shard_name(chunk: int) -> str:
     return os.path.join(SHARDS_DIR, f"shard-{chunk:05d}.safetensors")
 
 
-def write_shard(out_dir: str, chunk: int, items: list[ItemFeatures], with_tokens: bool) -> None:
-    """Write the shard of one chunk: the tensors of the items that encoded, and every item's outcome."""
+def write_shard(out_dir: str, chunk: int, items: list[ItemFeatures], with_tokens: bool, rank: int = 0) -> None:
+    """Write the shard of one chunk: the tensors of the items that encoded, every item's outcome, and
+    which rank wrote it (for the record; the index does not depend on it)."""
     encoded = [item for item in items if item.error is None]
     entries, row = [], 0
     for item in items:
@@ -90,7 +91,7 @@ def write_shard(out_dir: str, chunk: int, items: list[ItemFeatures], with_tokens
             tensors["positions"] = torch.cat([item.positions for item in encoded]).long()
             lengths = torch.tensor([0] + [len(item.tokens) for item in encoded])
             tensors["offsets"] = lengths.cumsum(0)
-    metadata = {"format": SHARD_FORMAT, "items": json.dumps(entries)}
+    metadata = {"format": SHARD_FORMAT, "items": json.dumps(entries), "rank": str(rank)}
     atomic_write(os.path.join(out_dir, shard_name(chunk)), save(tensors, metadata=metadata))
 
 
