@@ -6,12 +6,10 @@ Importing the package registers the model with transformers' Auto classes, so
 
 from transformers import AutoConfig, AutoModel
 
-from .codec import CodecClip, replenishment_psnr, sample_frames, select_patches
 from .configuration import OneVisionEncoderConfig
 from .encode import Encoder
 from .features import Features, load_features
 from .modeling import OneVisionEncoderModel, OneVisionEncoderPreTrainedModel
-from .video import VideoDecodeError
 from .processing import (
     CLIP_MEAN,
     CLIP_STD,
@@ -31,11 +29,6 @@ AutoConfig.register(OneVisionEncoderConfig.model_type, OneVisionEncoderConfig, e
 AutoModel.register(OneVisionEncoderConfig, OneVisionEncoderModel, exist_ok=True)
 
 __all__ = [
-    "CodecClip",
-    "VideoDecodeError",
-    "replenishment_psnr",
-    "sample_frames",
-    "select_patches",
     "Encoder",
     "Features",
     "load_features",
