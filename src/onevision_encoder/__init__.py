@@ -6,10 +6,12 @@ Importing the package registers the model with transformers' Auto classes, so
 
 from transformers import AutoConfig, AutoModel
 
+from .codec import CodecClip, replenishment_psnr, sample_frames, select_patches
 from .configuration import OneVisionEncoderConfig
 from .encode import Encoder
 from .features import Features, load_features
 from .modeling import OneVisionEncoderModel, OneVisionEncoderPreTrainedModel
+from .video import VideoDecodeError
 from .processing import (
     CLIP_MEAN,
     CLIP_STD,
@@ -29,6 +31,11 @@ AutoConfig.register(OneVisionEncoderConfig.model_type, OneVisionEncoderConfig, e
 AutoModel.register(OneVisionEncoderConfig, OneVisionEncoderModel, exist_ok=True)
 
 __all__ = [
+    "CodecClip",
+    "VideoDecodeError",
+    "replenishment_psnr",
+    "sample_frames",
+    "select_patches",
     "Encoder",
     "Features",
     "load_features",

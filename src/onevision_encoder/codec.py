@@ -1,0 +1,614 @@
+"""Codec-style patch selection: keep the patches of a video where something moves or changes.
+
+One streaming decode pass (`scan_video`) samples `num_frames` frames at `linspace(0, N-1, num_frames)` and,
+while decoding, turns the bitstream's motion vectors and the decoded luma into per-pixel maps at a small
+working resolution (4x4 work pixels per patch). `patch_scores` turns the maps into per-patch scores with a
+policy, `choose_patches` keeps frame 0 whole plus a global top-K, and `select_patches` packs the kept
+patches into the model's patch-list form (`CodecClip`).
+
+Policies:
+- "reference": the published LMM pipeline (REFERENCE section 4): each sampled frame's own L0 motion vectors,
+  camera motion removed by the per-frame median, `clip(m / P95(m))`, plus a residual energy scaled by its
+  per-frame P95, averaged. Stock FFmpeg exports no residuals: the stand-in is the motion-compensated
+  residual `|Y_t - warp(Y_t-1, v / d)|` of the decoded luma, the previous decoded frame warped by the
+  frame's vectors divided by the distance d to its previous I/P frame (the usual reference).
+- "balanced" (default): motion accumulated over every decoded frame since the previous sampled frame and
+  the luma change since that sampled frame, each scaled by one clip-level P95 (with floors) instead of
+  per-frame P95, so a nearly static frame stays low instead of being stretched to 1; key frames need no
+  special case (their change is measured on pixels); a flat (static) video falls back to uniform whole frames.
+Codecs whose decoders export no motion vectors (HEVC, VP9, AV1, ...) get motion from block matching on the
+decoded luma at 4x4-cell resolution (see `block_motion`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .processing import (
+    PatchClip,
+    collate_patch_lists,
+    grid_positions,
+    normalize,
+    patchify,
+    resize_frames,
+    temporal_slots,
+)
+from .video import VideoDecodeError, decode_frames, motion_vectors, probe_video, quarter_turns, sample_indices
+
+__all__ = [
+    "POLICIES",
+    "CodecClip",
+    "VideoDecodeError",
+    "VideoScan",
+    "choose_patches",
+    "collate_patch_lists",
+    "patch_scores",
+    "replenish",
+    "replenishment_psnr",
+    "sample_frames",
+    "scan_video",
+    "select_patches",
+    "uniform_frames_mask",
+]
+
+POLICIES = ("balanced", "reference")
+DEFAULT_POLICY = "balanced"
+CELL = 4  # motion vectors come in blocks of >= 4x4 pixels: maps are kept on a 4x4-pixel cell grid
+WORK_PER_PATCH = 4  # work pixels per patch side: scores at (rows*4)^2, e.g. 64x64 for 224/14
+TEMPORAL_SIZE = 64  # slots of the model's temporal RoPE grid
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry: decoded frame (4x4 cells) -> working grid, through the same rotation/resize/crop as the pixels
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cell_shape(height: int, width: int) -> tuple[int, int]:
+    return -(-height // CELL), -(-width // CELL)
+
+
+def _work_index(display_hw: tuple[int, int], size: int, work: int, mode: str):
+    """For each work pixel, the (row, col) of the display-orientation cell it lies on, and which work pixels
+    show picture (False = letterbox padding). Same scale/rounding/offsets as `resize_frames`."""
+    h, w = display_hw
+    scale = size / min(h, w) if mode == "crop" else size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left = ((nh - size) // 2, (nw - size) // 2) if mode == "crop" else ((size - nh) // 2, (size - nw) // 2)
+    centres = (np.arange(work) + 0.5) * size / work - 0.5  # work pixel centres on the size x size square
+    ys = centres + top if mode == "crop" else centres - top
+    xs = centres + left if mode == "crop" else centres - left
+    valid = ((ys >= -0.5) & (ys < nh - 0.5))[:, None] & ((xs >= -0.5) & (xs < nw - 0.5))[None, :]
+    rows = np.clip(((ys + 0.5) * h / nh) // CELL, 0, _cell_shape(h, w)[0] - 1).astype(np.int64)
+    cols = np.clip(((xs + 0.5) * w / nw) // CELL, 0, _cell_shape(h, w)[1] - 1).astype(np.int64)
+    return rows, cols, valid, scale
+
+
+@dataclass
+class _WorkMap:
+    """Maps cell-grid arrays of one video (decoded orientation) onto the square working grid."""
+
+    turns: int
+    rows: np.ndarray
+    cols: np.ndarray
+    valid: np.ndarray
+    scale: float  # model pixels per decoded pixel
+
+    @classmethod
+    def for_frame(cls, height: int, width: int, turns: int, size: int, work: int, mode: str) -> "_WorkMap":
+        display = (width, height) if turns % 2 else (height, width)
+        return cls(turns, *_work_index(display, size, work, mode))
+
+    def __call__(self, cells: np.ndarray) -> np.ndarray:
+        display = np.rot90(cells, self.turns) if self.turns else cells
+        return np.where(self.valid, display[self.rows[:, None], self.cols[None, :]], 0).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-frame measurements on the cell grid
+# ----------------------------------------------------------------------------------------------------------
+
+
+_EIGHT_BIT_LUMA_FIRST = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "nv21"})
+
+
+def luma_cells(frame) -> np.ndarray:
+    """Mean luma (0..255) of each 4x4-pixel cell of a decoded frame, as float32 [ceil(H/4), ceil(W/4)]."""
+    if frame.format.name in _EIGHT_BIT_LUMA_FIRST:  # read the Y plane as is: no colour conversion needed
+        plane = frame.planes[0]
+        y = np.frombuffer(plane, np.uint8).reshape(frame.height, plane.line_size)[:, : frame.width]
+        y = y.astype(np.float32)
+        if not (frame.format.name.startswith("yuvj") or frame.color_range == 2):  # limited range 16..235
+            y = (y - 16) * (255 / 219)  # as the gray conversion below does, so all formats share one scale
+    else:
+        y = frame.to_ndarray(format="gray").astype(np.float32)
+    ch, cw = _cell_shape(*y.shape)
+    y = np.pad(y, ((0, ch * CELL - y.shape[0]), (0, cw * CELL - y.shape[1])), mode="edge")
+    return y.reshape(ch, CELL, cw, CELL).mean(axis=(1, 3))
+
+
+def motion_cells(mvs: np.ndarray | None, cell_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell L0 (past-reference) motion (vx, vy) in decoded pixels; each block fills the cells it covers,
+    cells without a past-referencing block (intra) stay zero. Sub-pel units divided out by motion_scale."""
+    vx, vy = np.zeros(cell_shape, np.float32), np.zeros(cell_shape, np.float32)
+    if mvs is None or len(mvs) == 0:
+        return vx, vy
+    mvs = mvs[mvs["source"] < 0]
+    scale = np.maximum(mvs["motion_scale"], 1).astype(np.float32)
+    mx, my = mvs["motion_x"] / scale, mvs["motion_y"] / scale
+    for bw, bh in set(zip(mvs["w"].tolist(), mvs["h"].tolist())):
+        sel = (mvs["w"] == bw) & (mvs["h"] == bh)
+        nx, ny = max(1, bw // CELL), max(1, bh // CELL)
+        c0 = (mvs["dst_x"][sel].astype(np.int64) - bw // 2) // CELL
+        r0 = (mvs["dst_y"][sel].astype(np.int64) - bh // 2) // CELL
+        rr = np.clip(r0[:, None, None] + np.arange(ny)[None, :, None], 0, cell_shape[0] - 1)
+        cc = np.clip(c0[:, None, None] + np.arange(nx)[None, None, :], 0, cell_shape[1] - 1)
+        vx[rr, cc] = mx[sel][:, None, None]
+        vy[rr, cc] = my[sel][:, None, None]
+    return vx, vy
+
+
+def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, block: int = 4):
+    """Motion (vx, vy) in decoded pixels per cell of `current`, from block matching against `previous`.
+
+    For codecs whose decoder exports no motion vectors. Works on 4x4-pixel luma cells: blocks of
+    `block`x`block` cells (16x16 pixels) searched over +-`radius` cells (+-16 pixels) by sum of absolute
+    differences; ties go to the smallest shift, so flat areas read as still.
+    """
+    h, w = current.shape
+    padded = np.pad(previous, radius, mode="edge")
+    bh, bw = -(-h // block), -(-w // block)
+    best = np.full((bh, bw), np.inf, np.float32)
+    vx, vy = np.zeros((bh, bw), np.float32), np.zeros((bh, bw), np.float32)
+    shifts = sorted(((dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)),
+                    key=lambda s: abs(s[0]) + abs(s[1]))
+    for dy, dx in shifts:
+        diff = np.abs(current - padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w])
+        diff = np.pad(diff, ((0, bh * block - h), (0, bw * block - w)))
+        sad = diff.reshape(bh, block, bw, block).sum(axis=(1, 3)) * (1 + 1e-3 * (abs(dy) + abs(dx)))
+        better = sad < best
+        best[better], vx[better], vy[better] = sad[better], dx * CELL, dy * CELL
+    expand = np.ones((block, block), np.float32)
+    return np.kron(vx, expand)[:h, :w], np.kron(vy, expand)[:h, :w]
+
+
+def _camera_free_magnitude(vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
+    """|v - median(v)| per cell: the per-component median over the frame stands for camera motion."""
+    return np.hypot(vx - np.median(vx), vy - np.median(vy))
+
+
+def _warp_cells(cells: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
+    """Motion-compensated prediction: each cell takes the (nearest) cell its vector points to."""
+    h, w = cells.shape
+    rows = np.clip(np.rint(np.arange(h)[:, None] + vy / CELL), 0, h - 1).astype(np.int64)
+    cols = np.clip(np.rint(np.arange(w)[None, :] + vx / CELL), 0, w - 1).astype(np.int64)
+    return cells[rows, cols]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One decoding pass
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoScan:
+    """What one decoding pass learnt about the sampled frames (maps on the square working grid).
+
+    frames: `[T, 3, size, size]` floats in 0..1 (resized like `resize_frames`); valid: `[rows, cols]` patches
+    that show picture; own_motion / residual: the sampled frame's own camera-free motion (model pixels)
+    and motion-compensated residual (luma 0..255) (policy "reference"); motion_since / change_since: motion
+    accumulated over the decoded frames since the previous sampled frame and the luma change since it
+    (policy "balanced"). Maps are `[T, work, work]`, zero for slot 0.
+    """
+
+    path: str
+    frame_ids: np.ndarray
+    frames: torch.Tensor
+    valid: torch.Tensor
+    patch_size: int
+    motion_source: str  # "bitstream" (codec motion vectors), "block-matching" or "none"
+    total_frames: int
+    own_motion: np.ndarray | None = None
+    residual: np.ndarray | None = None
+    motion_since: np.ndarray | None = None
+    change_since: np.ndarray | None = None
+    work_valid: np.ndarray | None = field(default=None, repr=False)
+
+
+def _check_geometry(size: int, patch_size: int, resize: str) -> None:
+    if patch_size < 1 or size < patch_size or size % patch_size:
+        raise ValueError(f"size {size} must be a positive multiple of patch_size {patch_size}")
+    if resize not in ("crop", "letterbox"):
+        raise ValueError(f"resize must be 'crop' or 'letterbox', got {resize!r}")
+
+
+@contextmanager
+def _torch_single_threaded():
+    """Per-frame tensors are small: measured on 2 cores, OpenMP hand-offs made resizing one frame 10-30x
+    slower with 2 torch threads than with 1 (and the decoder wants the other core). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_torch_single_threaded()
+def scan_video(
+    path: str | os.PathLike,
+    num_frames: int = 64,
+    size: int = 224,
+    patch_size: int = 14,
+    resize: str = "crop",
+    motion: bool = True,
+    progress: bool = False,
+) -> VideoScan:
+    """Decode `path` once, keep the `num_frames` sampled frames resized, and measure motion and change.
+
+    Memory stays at the sampled frames plus a few cell maps, whatever the video's length. The frame count
+    N comes from `probe_video`; if decoding yields fewer frames than announced, the slots past the end
+    repeat the last decoded frame (with no motion). motion=False only samples frames (`sample_frames`).
+    """
+    _check_geometry(size, patch_size, resize)
+    path = os.fspath(path)
+    info = probe_video(path)
+    total = info.frame_count
+    # Without bitstream motion vectors (HEVC, VP9, AV1...), motion comes from block matching on the luma.
+    bitstream = info.exports_motion_vectors
+    frame_ids = sample_indices(total, num_frames)
+    slots_of: dict[int, list[int]] = {}
+    for slot, fid in enumerate(frame_ids.tolist()):
+        slots_of.setdefault(fid, []).append(slot)
+    needed_before = set((frame_ids[frame_ids > 0] - 1).tolist())  # residual needs the frame before each sample
+    work = (size // patch_size) * WORK_PER_PATCH
+
+    frames: list[torch.Tensor | None] = [None] * num_frames
+    maps = {k: np.zeros((num_frames, work, work), np.float32) for k in ("own", "res", "since", "change")}
+    bar = _progress(total, path) if progress else None
+    wmap = geometry = None
+    motion_source = ("bitstream" if bitstream else "block-matching") if motion else "none"
+    accumulated = previous_luma = sampled_luma = None
+    last_anchor = 0  # display number of the last I/P frame: the usual reference of the frames after it
+    last_slot = -1
+    decoded = 0
+    stream = decode_frames(path, export_motion_vectors=motion and bitstream)
+    for number, frame in enumerate(stream):
+        decoded = number + 1
+        if bar is not None:
+            bar.update(1)
+        if number > frame_ids[-1]:
+            stream.close()  # everything sampled: stop decoding
+            break
+        if wmap is None:
+            wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
+            accumulated = np.zeros(_cell_shape(frame.height, frame.width), np.float32)
+        is_sampled, wants_luma = number in slots_of, motion and (number in slots_of or number in needed_before)
+        luma = luma_cells(frame) if wants_luma else None
+        vectors = motion_vectors(frame) if motion and bitstream else None
+        if vectors is not None:
+            accumulated += _camera_free_magnitude(*motion_cells(vectors, accumulated.shape))
+        if is_sampled:
+            rgb = frame.to_ndarray(format="rgb24")
+            if wmap.turns:
+                rgb = np.ascontiguousarray(np.rot90(rgb, wmap.turns))
+            pixels, geometry = resize_frames(rgb[None], size, resize)
+            slots = slots_of[number]
+            for slot in slots:
+                frames[slot] = pixels[0]
+            if motion and number > 0:
+                own, own_v = _own_motion(bitstream, vectors, luma, previous_luma, number - last_anchor)
+                first = slots[0]
+                if own is not None:
+                    maps["own"][first] = wmap(own) * wmap.scale
+                    maps["res"][first] = wmap(np.abs(luma - _warp_cells(previous_luma, *own_v)))
+                if sampled_luma is not None:
+                    if not bitstream:  # no bitstream motion: match against the previous sampled frame
+                        accumulated = _camera_free_magnitude(*block_motion(sampled_luma, luma))
+                    maps["since"][first] = wmap(accumulated) * wmap.scale
+                    maps["change"][first] = wmap(np.abs(luma - sampled_luma))
+            accumulated[:] = 0
+            sampled_luma, last_slot = luma, slots[-1]
+        if frame.pict_type in (1, 2):  # I or P: the reference of the frames that follow
+            last_anchor = number
+        previous_luma = luma
+    if bar is not None:
+        bar.close()
+    if last_slot < 0:
+        raise VideoDecodeError(path, "no frame could be decoded")
+    for slot in range(last_slot + 1, num_frames):  # stream ended before its announced frame count
+        frames[slot] = frames[last_slot]
+        frame_ids[slot] = decoded - 1
+    return VideoScan(
+        path=path,
+        frame_ids=frame_ids,
+        frames=torch.stack(frames),
+        valid=geometry.valid_patches(patch_size),
+        patch_size=patch_size,
+        motion_source=motion_source,
+        total_frames=total,
+        own_motion=maps["own"] if motion else None,
+        residual=maps["res"] if motion else None,
+        motion_since=maps["since"] if motion else None,
+        change_since=maps["change"] if motion else None,
+        work_valid=wmap.valid,
+    )
+
+
+def _own_motion(bitstream: bool, vectors, luma, previous_luma, anchor_distance: int):
+    """The sampled frame's own camera-free motion magnitude and per-frame vectors (cells).
+
+    From its motion vectors when the codec has them (none on intra frames: zero motion), the vectors
+    divided by the distance to their reference for the warp; otherwise from block matching against the
+    previous decoded frame. (None, None) when there is no previous frame's luma.
+    """
+    if previous_luma is None:
+        return None, None
+    if bitstream:
+        vx, vy = motion_cells(vectors, luma.shape)
+        d = max(1, anchor_distance)
+        return _camera_free_magnitude(vx, vy), (vx / d, vy / d)
+    vx, vy = block_motion(previous_luma, luma)
+    return _camera_free_magnitude(vx, vy), (vx, vy)
+
+
+def _progress(total: int, path: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=os.path.basename(path), unit="frame", leave=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scores and selection
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _patch_sums(maps: np.ndarray, patch_size: int) -> torch.Tensor:
+    """Sum each patch's work pixels, scaled to a sum over its model pixels: [T, work, work] -> [T, rows, cols]."""
+    t, w, _ = maps.shape
+    n = w // WORK_PER_PATCH
+    sums = maps.reshape(t, n, WORK_PER_PATCH, n, WORK_PER_PATCH).sum(axis=(2, 4))
+    return torch.from_numpy(sums * (patch_size / WORK_PER_PATCH) ** 2)
+
+
+def _per_frame_p95(maps: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
+    p95 = np.array([np.percentile(m[valid], 95) for m in maps], np.float32)
+    return np.clip(maps / np.maximum(p95, floor)[:, None, None], 0, 1)
+
+
+def _clip_p95(maps: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
+    p95 = float(np.percentile(maps[1:][:, valid], 95)) if len(maps) > 1 else 0.0
+    return np.clip(maps / max(p95, floor), 0, 1)
+
+
+# Floors of the clip-level scaling: motion below 1 model pixel between samples and luma changes below 8 levels
+# are what codec noise and re-encoding produce on still content; they must not be stretched to full score.
+MOTION_FLOOR_PX = 1.0
+CHANGE_FLOOR = 8.0
+
+
+def patch_scores(scan: VideoScan, policy: str = DEFAULT_POLICY) -> torch.Tensor:
+    """Per-patch scores `[T, rows, cols]` of a scan under `policy` ("balanced" or "reference")."""
+    if scan.own_motion is None:
+        raise ValueError("this scan was made without motion (motion=False); it has no scores")
+    valid = scan.work_valid
+    if policy == "reference":
+        fused = (_per_frame_p95(scan.own_motion, valid, 1e-6) + _per_frame_p95(scan.residual, valid, 1.0)) / 2
+    elif policy == "balanced":
+        fused = (_clip_p95(scan.motion_since, valid, MOTION_FLOOR_PX) + _clip_p95(scan.change_since, valid, CHANGE_FLOOR)) / 2
+    else:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    fused[0] = 0  # frame 0 has no predecessor: it is kept whole or not at all
+    return _patch_sums(fused * valid, scan.patch_size)
+
+
+def _budget_count(budget: int | float, candidates: int) -> int:
+    """A patch count (int > 0) or a fraction (float in (0, 1]) of the candidates -> a patch count."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise ValueError(f"budget must be a patch count (int) or a fraction (float in (0, 1]), got {budget!r}")
+    if isinstance(budget, (float, np.floating)):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a fractional budget must lie in (0, 1], got {budget}")
+        return max(1, round(float(budget) * candidates))
+    if budget <= 0:
+        raise ValueError(f"budget must be a positive patch count, got {budget}")
+    return int(budget)
+
+
+def uniform_frames_mask(num_frames: int, rows: int, cols: int, budget: int) -> torch.Tensor:
+    """`[T, rows, cols]` kept-mask of `budget // (rows*cols)` whole frames spread evenly (frame 0 first):
+    the uniform-frame-sampling baseline for the same budget."""
+    whole = max(1, min(num_frames, budget // (rows * cols)))
+    kept = torch.zeros(num_frames, rows, cols, dtype=torch.bool)
+    kept[np.unique(np.linspace(0, num_frames - 1, whole).round().astype(int))] = True
+    return kept
+
+
+# A patch is "informative" when its mean fused score reaches this; fewer informative patches than the budget
+# means the video is (mostly) static, and "balanced" spends the rest on uniform whole frames.
+INFORMATIVE_MEAN_SCORE = 0.05
+
+
+def choose_patches(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    budget: int,
+    keep_first_frame: bool = True,
+    static_fallback: bool = False,
+    patch_size: int = 14,
+) -> torch.Tensor:
+    """Kept-patch mask `[T, rows, cols]`: frame 0 whole (if keep_first_frame), then the global top scores
+    over frames 1.. among `valid` patches until `budget` patches in all (ties go to the earlier patch).
+    static_fallback: when fewer patches than the remaining budget are informative, the rest goes to whole
+    frames spread evenly over the clip instead of to near-zero scores."""
+    t, rows, cols = scores.shape
+    kept = torch.zeros(t, rows, cols, dtype=torch.bool)
+    if keep_first_frame:
+        if budget < rows * cols:
+            raise ValueError(f"budget {budget} is smaller than one whole first frame ({rows * cols} patches); "
+                             "raise it or pass keep_first_frame=False")
+        kept[0] = True
+    candidates = valid.expand(t, rows, cols).clone()
+    candidates[0] &= ~kept[0]
+    flat = scores.flatten().numpy()
+    order = np.argsort(-flat, kind="stable")
+    order = order[candidates.flatten().numpy()[order]]
+    remaining = min(budget - int(kept.sum()), len(order))
+    if static_fallback:
+        order = _with_uniform_fill(order, flat, valid, t, remaining, patch_size)
+    kept.view(-1)[torch.from_numpy(order[:remaining].copy())] = True
+    return kept
+
+
+def _with_uniform_fill(order, flat, valid, num_frames: int, remaining: int, patch_size: int) -> np.ndarray:
+    """Candidate order for a (mostly) static video: the informative patches first, then whole frames spread
+    evenly over frames 1.. for what is left of the budget, then everything else by score."""
+    informative = order[flat[order] >= INFORMATIVE_MEAN_SCORE * patch_size**2]
+    if len(informative) >= remaining or num_frames < 2:
+        return order
+    rows, cols = valid.shape
+    per_frame = int(valid.sum())
+    wanted = min(num_frames - 1, -(-(remaining - len(informative)) // per_frame))
+    # Spread as if frame 0 (kept whole) were one of the picks: 3 more frames of 64 -> 21, 42, 63.
+    frames = np.unique(np.linspace(0, num_frames - 1, wanted + 1)[1:].round().astype(np.int64))
+    whole = (frames[:, None] * rows * cols + np.flatnonzero(valid.flatten().numpy())[None, :]).ravel()
+    fill = whole[~np.isin(whole, informative)]
+    rest = order[~np.isin(order, np.concatenate([informative, fill]))]
+    return np.concatenate([informative, fill, rest])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Clips
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CodecClip(PatchClip):
+    """A codec-selected clip: the `PatchClip` patch list plus how it was chosen.
+
+    pixel_values `[K, C*p*p]` (CLIP-normalised), patch_positions `[K, 3]` = (t, row, col) in (t, row, col)
+    order, t being the RoPE slot on the 64-slot grid (= the sampled-frame index when num_frames is 64,
+    `temporal_slots(num_frames)` otherwise); frame_ids `[T]` decoded frame numbers sampled; scores
+    `[T, rows, cols]`; kept `[T, rows, cols]`; time_slots `[T]`.
+    """
+
+    kept: torch.Tensor | None = None
+    time_slots: torch.Tensor | None = None
+    policy: str = DEFAULT_POLICY
+    patch_size: int = 14
+    motion_source: str = "bitstream"
+    frames: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_visible_indices(self) -> dict[str, torch.Tensor]:
+        """The published input form: the kept patches packed rows*cols at a time, in order, into
+        pseudo-frames `pixel_values [1, C, K/(rows*cols), H, W]`, with `visible_indices [1, K]` =
+        t*rows*cols + row*cols + col on the 64-slot grid. Needs K to be a multiple of rows*cols."""
+        _, rows, cols = self.kept.shape
+        grid, k = rows * cols, len(self)
+        if k % grid:
+            raise ValueError(f"{k} patches do not fill whole pseudo-frames of {grid}; use a budget that is a "
+                             f"multiple of {grid}, or the patch list")
+        p = self.patch_size
+        x = self.pixel_values.view(k // grid, rows, cols, 3, p, p).permute(3, 0, 1, 4, 2, 5)
+        video = x.reshape(1, 3, k // grid, rows * p, cols * p).contiguous()
+        pos = self.patch_positions
+        flat = pos[:, 0] * grid + pos[:, 1] * cols + pos[:, 2]
+        return {"pixel_values": video, "visible_indices": flat.unsqueeze(0)}
+
+
+def _time_slots(num_frames: int) -> torch.Tensor:
+    return torch.arange(num_frames) if num_frames == TEMPORAL_SIZE else temporal_slots(num_frames, TEMPORAL_SIZE)
+
+
+@_torch_single_threaded()
+def _pack(scan: VideoScan, kept: torch.Tensor, **extra) -> CodecClip:
+    slots = _time_slots(len(scan.frame_ids))
+    t, rows, cols = kept.shape
+    index = kept.flatten().nonzero().squeeze(1)  # raster order of (t, row, col) = the required order
+    patches = patchify(normalize(scan.frames), scan.patch_size).reshape(t * rows * cols, -1)
+    positions = grid_positions(slots, rows, cols)
+    return CodecClip(
+        pixel_values=patches[index],
+        patch_positions=positions[index],
+        frame_ids=torch.from_numpy(scan.frame_ids.copy()),
+        path=scan.path,
+        kept=kept,
+        time_slots=slots,
+        patch_size=scan.patch_size,
+        motion_source=scan.motion_source,
+        **extra,
+    )
+
+
+def select_patches(
+    path: str | os.PathLike,
+    num_frames: int = 64,
+    budget: int | float = 2048,
+    size: int = 224,
+    patch_size: int = 14,
+    policy: str = DEFAULT_POLICY,
+    resize: str = "crop",
+    keep_first_frame: bool = True,
+    keep_frames: bool = False,
+    progress: bool = False,
+) -> CodecClip:
+    """Codec-style patch selection of a video file, in one streaming decode pass.
+
+    Samples `num_frames` frames at `linspace(0, N-1, num_frames)`, scores every patch (`policy`), keeps
+    frame 0 whole and the top-scoring patches of the other frames, `budget` patches in all: a count, or a
+    fraction (0, 1] of num_frames*rows*cols. A budget above the candidates keeps them all. resize: "crop"
+    (short side to `size`, centre crop) or "letterbox" (long side to `size`, centred; padding patches are
+    never chosen after frame 0). keep_frames: attach the sampled frames (`clip.frames`, 0..1) for display.
+    Raises ValueError for bad arguments and VideoDecodeError for unreadable files.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    _check_geometry(size, patch_size, resize)
+    rows = size // patch_size
+    count = _budget_count(budget, num_frames * rows * rows)
+    scan = scan_video(path, num_frames, size, patch_size, resize, motion=True, progress=progress)
+    scores = patch_scores(scan, policy)
+    kept = choose_patches(scores, scan.valid, count, keep_first_frame, policy == "balanced", patch_size)
+    return _pack(scan, kept, scores=scores, policy=policy, frames=scan.frames if keep_frames else None)
+
+
+def sample_frames(
+    path: str | os.PathLike, num_frames: int = 16, size: int = 224, patch_size: int = 14, resize: str = "crop"
+) -> CodecClip:
+    """Dense uniform frame sampling in the same patch-list form: `num_frames` whole frames at
+    `linspace(0, N-1, num_frames)`, positions t = `temporal_slots(num_frames)` (16 frames -> 0, 4, ..., 63)."""
+    scan = scan_video(path, num_frames, size, patch_size, resize, motion=False)
+    rows = size // patch_size
+    kept = torch.ones(num_frames, rows, rows, dtype=torch.bool)
+    clip = _pack(scan, kept, policy="uniform")
+    clip.motion_source = "none"
+    return clip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replenishment: how much of the sampled frames the kept patches can rebuild
+# ----------------------------------------------------------------------------------------------------------
+
+
+def replenish(frames: torch.Tensor, kept: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Rebuild frames `[T, 3, H, W]` from kept patches `[T, rows, cols]`: frame 0 whole, then each unkept
+    patch repeats the last kept version at its place (what a viewer of the patch list could know)."""
+    t, _, h, w = frames.shape
+    mask = kept.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+    out = torch.empty_like(frames)
+    out[0] = frames[0]
+    for i in range(1, t):
+        out[i] = torch.where(mask[i], frames[i], out[i - 1])
+    return out
+
+
+def replenishment_psnr(frames: torch.Tensor, kept: torch.Tensor, patch_size: int) -> float:
+    """PSNR (dB, peak 1) of `replenish(frames, kept)` against the frames, over all sampled frames."""
+    mse = float((replenish(frames, kept, patch_size) - frames).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
