@@ -59,14 +59,20 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> torch.T
     return torch.cat([angles, angles], dim=-1)
 
 
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+def rope_cos_sin(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos(F) and a sign-folded sin(F) for `apply_rope`, computed once per forward in float32."""
+    sign = torch.tensor([-1.0, 1.0], device=angles.device).repeat(angles.shape[-1] // 2)
+    return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_pairs(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x·cos(F) + rot(x)·sin(F) with rot(x0, x1, x2, x3, ...) = (-x1, x0, -x3, x2, ...).
+
+    rot(x) is the pair swap (x1, x0, x3, x2, ...) times the signs (-1, +1, ...), which `rope_cos_sin` has
+    already folded into the sine: one flip and one fused multiply-add instead of a negate and a stack.
+    """
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,8 +143,7 @@ class OneVisionEncoderAttention(nn.Module):
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         implementation = self.config._attn_implementation
         attention: Callable = eager_attention_forward
@@ -409,8 +414,7 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         padding, masks = self._attention_masks(attention_mask, b, n, hidden_states.dtype, hidden_states.device)
 
         angles = rope_angles(positions.to(hidden_states.device), cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta)
-        angles = angles.unsqueeze(1)  # broadcast over heads
-        rope = (angles.cos().to(hidden_states.dtype), angles.sin().to(hidden_states.dtype))
+        rope = rope_cos_sin(angles.unsqueeze(1), hidden_states.dtype)  # [B, 1, N, head_dim]: broadcast over heads
 
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
