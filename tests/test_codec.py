@@ -289,3 +289,25 @@ def test_odd_sizes_and_rotation_metadata(tmp_path):
     kept = clip.kept.clone()
     kept[0] = False
     assert (kept & _moving_patches(meta, clip.frame_ids)).sum() / kept.sum() > 0.8
+
+
+# --- ove select --------------------------------------------------------------------------------------------
+
+
+def test_ove_select_writes_picture_and_selection_and_fails_cleanly(videos, tmp_path, capsys):
+    from PIL import Image
+
+    from onevision_encoder.cli import main
+
+    picture, saved = tmp_path / "sheet.png", tmp_path / "sel.npz"
+    assert main(["select", videos["h264"]["path"], "--budget", "1024", "--out", str(picture), "--save", str(saved)]) == 0
+    assert "kept 1024 of 16384 patches" in capsys.readouterr().out
+    assert Image.open(picture).size[0] > 8 * 64
+    with np.load(saved, allow_pickle=False) as data:
+        assert data["patch_positions"].shape == (1024, 3) and data["scores"].shape == (64, ROWS, ROWS)
+        assert data["kept"].sum() == 1024
+    assert main(["select", str(tmp_path / "missing.mp4")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.mp4" in err and "Traceback" not in err
+    assert main(["select", videos["h264"]["path"], "--budget", "-3"]) == 2
+    assert "budget" in capsys.readouterr().err

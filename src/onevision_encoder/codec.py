@@ -53,6 +53,7 @@ __all__ = [
     "replenish",
     "replenishment_psnr",
     "sample_frames",
+    "save_selection",
     "scan_video",
     "select_patches",
     "uniform_frames_mask",
@@ -589,6 +590,19 @@ def sample_frames(
     clip = _pack(scan, kept, policy="uniform")
     clip.motion_source = "none"
     return clip
+
+
+def save_selection(clip: CodecClip, path: str | os.PathLike) -> None:
+    """Write the selection (not the pixels) to an .npz: patch_positions, frame_ids, time_slots, scores, kept,
+    plain arrays that `numpy.load` reads without pickle."""
+    np.savez_compressed(
+        path,
+        patch_positions=clip.patch_positions.numpy(),
+        frame_ids=clip.frame_ids.numpy(),
+        time_slots=clip.time_slots.numpy(),
+        scores=clip.scores.numpy(),
+        kept=clip.kept.numpy(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

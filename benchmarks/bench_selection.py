@@ -1,0 +1,110 @@
+"""Codec-style selection: speed against decoding alone, and information kept (replenishment PSNR).
+
+    python benchmarks/bench_selection.py [VIDEO ...]
+
+Generates moving/deforming objects with a still stretch, and a camera pan, in H.264 and HEVC (plus any
+videos given), then for each: selection time / decode-only time (PyAV, all frames, same threading), and
+the replenishment PSNR of uniform whole frames, "reference" and the default policy at K = 2048 and 4096 of
+64x256. Last line: `select_vs_decode=X.XX psnr_gain_db=Y.YY` (default policy vs uniform frames, K=2048,
+averaged over the videos; select_vs_decode is the median ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import av
+import torch
+
+from onevision_encoder.codec import (
+    DEFAULT_POLICY,
+    choose_patches,
+    patch_scores,
+    replenishment_psnr,
+    scan_video,
+    select_patches,
+    uniform_frames_mask,
+)
+from onevision_encoder.synthetic import write_video
+from onevision_encoder.video import DECODE_THREADING
+
+BUDGETS = (2048, 4096)
+
+
+def decode_only_seconds(path: str) -> float:
+    """Time to decode every frame with PyAV, same threading as the selection, no conversion."""
+    start = time.perf_counter()
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = DECODE_THREADING
+        for _ in container.decode(stream):
+            pass
+    return time.perf_counter() - start
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    """Least wall time of a few runs: the machine is shared, the minimum is the least disturbed."""
+    return min(fn() for _ in range(repeats))
+
+
+def measure(path: str) -> dict:
+    decode = best_of(lambda: decode_only_seconds(path))
+
+    def select_seconds():
+        start = time.perf_counter()
+        select_patches(path, budget=BUDGETS[0])
+        return time.perf_counter() - start
+
+    select = best_of(select_seconds)
+    scan = scan_video(path)
+    rows = scan.frames.shape[-1] // scan.patch_size
+    psnr = {}
+    for budget in BUDGETS:
+        psnr[("uniform", budget)] = replenishment_psnr(scan.frames, uniform_frames_mask(64, rows, rows, budget), 14)
+        for policy in ("reference", DEFAULT_POLICY):
+            kept = choose_patches(patch_scores(scan, policy), scan.valid, budget, True, policy == "balanced")
+            psnr[(policy, budget)] = replenishment_psnr(scan.frames, kept, scan.patch_size)
+    return {"decode": decode, "select": select, "psnr": psnr, "motion": scan.motion_source, "frames": scan.total_frames}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("videos", nargs="*", help="real clips to add to the generated ones")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        videos = {}
+        for codec in ("h264", "hevc"):
+            for scene in ("objects", "pan"):
+                name = f"{scene}-{codec}"
+                print(f"writing {name} ...", file=sys.stderr)
+                videos[name] = write_video(os.path.join(tmp, f"{name}.mp4"), codec=codec, scene=scene,
+                                           num_frames=240, width=640, height=360)["path"]
+        videos.update({os.path.basename(v): v for v in args.videos})
+        results = {name: measure(path) for name, path in videos.items()}
+
+    print(f"{'video':<22}{'frames':>7}{'motion':>16}{'decode s':>10}{'select s':>10}{'ratio':>7}", end="")
+    for budget in BUDGETS:
+        print(f"{'uniform':>10}{'ref':>8}{DEFAULT_POLICY[:8]:>10}", end="")
+    print("   (replenishment PSNR dB at K=" + ", ".join(map(str, BUDGETS)) + ")")
+    for name, r in results.items():
+        print(f"{name:<22}{r['frames']:>7}{r['motion']:>16}{r['decode']:>10.3f}{r['select']:>10.3f}"
+              f"{r['select'] / r['decode']:>7.2f}", end="")
+        for budget in BUDGETS:
+            p = r["psnr"]
+            print(f"{p[('uniform', budget)]:>10.2f}{p[('reference', budget)]:>8.2f}{p[(DEFAULT_POLICY, budget)]:>10.2f}",
+                  end="")
+        print()
+    ratio = statistics.median(r["select"] / r["decode"] for r in results.values())
+    gain = statistics.mean(r["psnr"][(DEFAULT_POLICY, 2048)] - r["psnr"][("uniform", 2048)] for r in results.values())
+    print(f"select_vs_decode={ratio:.2f} psnr_gain_db={gain:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
