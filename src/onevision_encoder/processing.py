@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 # OpenAI CLIP statistics, used by the published encoder for images and video frames.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -96,8 +96,49 @@ class FrameGeometry:
         return rows[:, None] & cols[None, :]
 
 
+@dataclass
+class SquarePlan:
+    """How a `height`×`width` picture becomes a `size`×`size` square: scale it to `resized_height`×
+    `resized_width`, then take the square at (`top`, `left`) of it ("crop") or put it at (`top`, `left`) of
+    the square ("letterbox")."""
+
+    mode: str
+    size: int
+    height: int
+    width: int
+    resized_height: int
+    resized_width: int
+    top: int
+    left: int
+
+    @property
+    def scale(self) -> float:
+        """Square pixels per source pixel."""
+        return self.resized_height / self.height
+
+    @classmethod
+    def for_picture(cls, height: int, width: int, size: int, mode: str) -> "SquarePlan":
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+        scale = size / min(height, width) if mode == "crop" else size / max(height, width)
+        nh, nw = max(1, round(height * scale)), max(1, round(width * scale))
+        top, left = ((nh - size) // 2, (nw - size) // 2) if mode == "crop" else ((size - nh) // 2, (size - nw) // 2)
+        return cls(mode, size, height, width, nh, nw, top, left)
+
+    def place(self, resized: torch.Tensor) -> tuple[torch.Tensor, FrameGeometry]:
+        """Resized frames `[T, 3, resized_height, resized_width]` (0..1) -> the squares `[T, 3, size, size]`,
+        letterbox padding in the CLIP mean colour (zero once normalised), and the picture's geometry."""
+        size, top, left = self.size, self.top, self.left
+        if self.mode == "crop":
+            square = resized[:, :, top : top + size, left : left + size].contiguous()
+            return square, FrameGeometry(size, 0, 0, size, size)
+        square = torch.tensor(CLIP_MEAN, dtype=resized.dtype).view(1, 3, 1, 1).repeat(resized.shape[0], 1, size, size)
+        square[:, :, top : top + self.resized_height, left : left + self.resized_width] = resized
+        return square, FrameGeometry(size, top, left, self.resized_height, self.resized_width)
+
+
 def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[torch.Tensor, FrameGeometry]:
-    """Resize frames to a `size`×`size` square, as floats in [0, 1].
+    """Resize frames to a `size`×`size` square, as floats in [0, 1] (bicubic, antialiased).
 
     frames: uint8 `[T, H, W, 3]` (numpy or torch, as decoders give them).
     mode: `"crop"` scales the short side to `size` and takes the centre (published probe/encoder setting);
@@ -105,24 +146,15 @@ def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[t
     mean colour, so that padding normalises to exactly zero (published LMM setting).
     Returns `[T, 3, size, size]` float32 and the geometry of the picture inside the square.
     """
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
-    x = torch.as_tensor(np.asarray(frames))
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(x.shape)}")
-    x = x.permute(0, 3, 1, 2).float().div_(255)
-    h, w = x.shape[-2:]
-    scale = size / min(h, w) if mode == "crop" else size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
-    if mode == "crop":
-        top, left = (nh - size) // 2, (nw - size) // 2
-        return x[:, :, top : top + size, left : left + size].contiguous(), FrameGeometry(size, 0, 0, size, size)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1).repeat(x.shape[0], 1, size, size)
-    out[:, :, top : top + nh, left : left + nw] = x
-    return out, FrameGeometry(size, top, left, nh, nw)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
+    plan = SquarePlan.for_picture(frames.shape[1], frames.shape[2], size, mode)
+    target = (plan.resized_width, plan.resized_height)
+    if target != (frames.shape[2], frames.shape[1]):
+        # PIL's bicubic on uint8, as the CLIP image processor: antialiased, and faster than torch's on CPU
+        frames = np.stack([np.asarray(Image.fromarray(f).resize(target, Image.BICUBIC)) for f in frames])
+    return plan.place(torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255))
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
