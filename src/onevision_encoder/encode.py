@@ -267,14 +267,15 @@ class Encoder:
         dataset = EncodeDataset(paths, self.preprocessing)
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                             collate_fn=collate_samples, pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.workers else None)
+                            prefetch_factor=4 if self.workers else None,
+                            multiprocessing_context=_worker_context() if self.workers else None)
         failed = 0
         with tqdm(total=len(dataset), unit="item", desc="encode", disable=not show_progress, smoothing=0.1) as bar:
             for batch in loader:
                 outcomes = {s.index: ItemFeatures(s.path, self.preprocessing.describe(s.mode), error=s.error)
                             for s in batch.failed}
                 if batch.inputs is not None:
-                    for sample, item in zip(batch.loaded, self._forward(batch.inputs)):
+                    for sample, item in zip(batch.loaded, self.forward_batch(batch.inputs)):
                         item.path, item.info = sample.path, self.preprocessing.describe(sample.mode)
                         outcomes[sample.index] = item
                 yield from (outcomes[i] for i in sorted(outcomes))
@@ -284,7 +285,9 @@ class Encoder:
                     bar.set_postfix(failed=failed)
 
     @torch.inference_mode()
-    def _forward(self, inputs: dict[str, torch.Tensor]) -> list[ItemFeatures]:
+    def forward_batch(self, inputs: dict[str, torch.Tensor]) -> list[ItemFeatures]:
+        """Run the model on one collated batch (`collate_patch_lists` output): one `ItemFeatures` per clip,
+        with its pooled features, token count and, if this encoder keeps tokens, tokens and positions."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             output = self.model(**inputs)
@@ -296,6 +299,17 @@ class Encoder:
         positions = inputs["patch_positions"].cpu()
         return [ItemFeatures("", pooled=pooled[i], num_tokens=k, tokens=hidden[i, :k].clone(),
                              positions=positions[i, :k].clone()) for i, k in enumerate(lengths)]
+
+
+def _worker_context():
+    """Loader workers start from a fork server, not from a fork of this process: a process that has run
+    the model (OpenMP) or decoded video (FFmpeg threads) can hold locks that a plain fork copies locked,
+    and its workers then hang. The server imports the decoding code once, so each worker starts fast."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["onevision_encoder.data", "onevision_encoder.codec"])
+    return context
 
 
 def _chunk_entries(out: str, chunk_id: int, chunk: list[str]) -> list[dict] | None:
