@@ -4,7 +4,9 @@
 
 Generates moving/deforming objects with a still stretch, and a camera pan, in H.264 and HEVC (plus any
 videos given), then for each: selection time / decode-only time (PyAV, all frames, same threading), and
-the replenishment PSNR of uniform whole frames, "reference" and the default policy at K = 2048 and 4096 of
+the time of `sample_frames` for the same 64 frames (decoding plus resizing, what any frame-sampling
+pipeline pays: the difference to the selection is the cost of the motion analysis), and the replenishment
+PSNR of uniform whole frames, "reference" and the default policy at K = 2048 and 4096 of
 64x256. Last line: `select_vs_decode=X.XX psnr_gain_db=Y.YY` (default policy vs uniform frames, K=2048,
 averaged over the videos; select_vs_decode is the median ratio).
 """
@@ -26,6 +28,7 @@ from onevision_encoder.codec import (
     choose_patches,
     patch_scores,
     replenishment_psnr,
+    sample_frames,
     scan_video,
     select_patches,
     uniform_frames_mask,
@@ -61,6 +64,13 @@ def measure(path: str) -> dict:
         return time.perf_counter() - start
 
     select = best_of(select_seconds)
+
+    def sample_seconds():  # decoding and resizing the same 64 frames, as any frame-sampling pipeline must
+        start = time.perf_counter()
+        sample_frames(path, num_frames=64)
+        return time.perf_counter() - start
+
+    sample = best_of(sample_seconds)
     scan = scan_video(path)
     rows = scan.frames.shape[-1] // scan.patch_size
     psnr = {}
@@ -69,7 +79,7 @@ def measure(path: str) -> dict:
         for policy in ("reference", DEFAULT_POLICY):
             kept = choose_patches(patch_scores(scan, policy), scan.valid, budget, True, policy == "balanced")
             psnr[(policy, budget)] = replenishment_psnr(scan.frames, kept, scan.patch_size)
-    return {"decode": decode, "select": select, "psnr": psnr, "motion": scan.motion_source, "frames": scan.total_frames}
+    return {"decode": decode, "select": select, "sample": sample, "psnr": psnr, "motion": scan.motion_source, "frames": scan.total_frames}
 
 
 def main() -> int:
@@ -88,12 +98,12 @@ def main() -> int:
         videos.update({os.path.basename(v): v for v in args.videos})
         results = {name: measure(path) for name, path in videos.items()}
 
-    print(f"{'video':<22}{'frames':>7}{'motion':>16}{'decode s':>10}{'select s':>10}{'ratio':>7}", end="")
+    print(f"{'video':<22}{'frames':>7}{'motion':>16}{'decode s':>10}{'sample s':>10}{'select s':>10}{'ratio':>7}", end="")
     for budget in BUDGETS:
         print(f"{'uniform':>10}{'ref':>8}{DEFAULT_POLICY[:8]:>10}", end="")
     print("   (replenishment PSNR dB at K=" + ", ".join(map(str, BUDGETS)) + ")")
     for name, r in results.items():
-        print(f"{name:<22}{r['frames']:>7}{r['motion']:>16}{r['decode']:>10.3f}{r['select']:>10.3f}"
+        print(f"{name:<22}{r['frames']:>7}{r['motion']:>16}{r['decode']:>10.3f}{r['sample']:>10.3f}{r['select']:>10.3f}"
               f"{r['select'] / r['decode']:>7.2f}", end="")
         for budget in BUDGETS:
             p = r["psnr"]
