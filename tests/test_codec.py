@@ -16,7 +16,14 @@ from onevision_encoder import (
     select_patches,
     temporal_slots,
 )
-from onevision_encoder.codec import motion_cells, replenish, uniform_frames_mask
+from onevision_encoder.codec import (
+    choose_patches,
+    motion_cells,
+    patch_scores,
+    replenish,
+    scan_video,
+    uniform_frames_mask,
+)
 from onevision_encoder.processing import normalize, patchify, resize_frames
 from onevision_encoder.synthetic import write_video
 
@@ -311,3 +318,16 @@ def test_ove_select_writes_picture_and_selection_and_fails_cleanly(videos, tmp_p
     assert err.count("\n") == 1 and "missing.mp4" in err and "Traceback" not in err
     assert main(["select", videos["h264"]["path"], "--budget", "-3"]) == 2
     assert "budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["balanced", "reference"])
+def test_scan_for_one_policy_selects_the_same_as_a_full_scan(videos, policy):
+    path = videos["h264"]["path"]
+    full = scan_video(path)
+    only = scan_video(path, policy=policy)
+    torch.testing.assert_close(patch_scores(only, policy), patch_scores(full, policy))
+    other = "reference" if policy == "balanced" else "balanced"
+    with pytest.raises(ValueError, match="did not measure"):
+        patch_scores(only, other)
+    assert torch.equal(select_patches(path, policy=policy).kept,
+                       choose_patches(patch_scores(full, policy), full.valid, 2048, True, policy == "balanced"))

@@ -268,13 +268,17 @@ def scan_video(
     resize: str = "crop",
     motion: bool = True,
     progress: bool = False,
+    policy: str | None = None,
 ) -> VideoScan:
     """Decode `path` once, keep the `num_frames` sampled frames resized, and measure motion and change.
 
     Memory stays at the sampled frames plus a few cell maps, whatever the video's length. The frame count
     N comes from `probe_video`; if decoding yields fewer frames than announced, the slots past the end
     repeat the last decoded frame (with no motion). motion=False only samples frames (`sample_frames`).
+    policy: measure only what that policy scores (None: both, e.g. to compare them on one scan).
     """
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     _check_geometry(size, patch_size, resize)
     path = os.fspath(path)
     info = probe_video(path)
@@ -285,7 +289,10 @@ def scan_video(
     slots_of: dict[int, list[int]] = {}
     for slot, fid in enumerate(frame_ids.tolist()):
         slots_of.setdefault(fid, []).append(slot)
-    needed_before = set((frame_ids[frame_ids > 0] - 1).tolist())  # residual needs the frame before each sample
+    own_maps = motion and policy in (None, "reference")  # each sampled frame's own motion and residual
+    since_maps = motion and policy in (None, "balanced")  # motion and change since the previous sample
+    # the residual needs the frame before each sample
+    needed_before = set((frame_ids[frame_ids > 0] - 1).tolist()) if own_maps else set()
     work = (size // patch_size) * WORK_PER_PATCH
 
     frames = torch.empty(num_frames, 3, size, size)
@@ -312,23 +319,23 @@ def scan_video(
         is_sampled, wants_luma = number in slots_of, motion and (number in slots_of or number in needed_before)
         luma = luma_cells(frame, cell) if wants_luma else None
         vectors = motion_vectors(frame) if motion and bitstream else None
-        if vectors is not None:
+        if vectors is not None and since_maps:
             accumulated += _camera_free_magnitude(*motion_cells(vectors, accumulated.shape, cell))
         if is_sampled:
             pixels, geometry = wmap.square(frame)
             slots = slots_of[number]
             frames[slots] = pixels
-            if motion and number > 0:
+            first = slots[0]
+            if own_maps and number > 0:
                 own, own_v = _own_motion(bitstream, vectors, luma, previous_luma, number - last_anchor, cell)
-                first = slots[0]
                 if own is not None:
                     maps["own"][first] = wmap(own) * wmap.scale
                     maps["res"][first] = wmap(np.abs(luma - _warp_cells(previous_luma, *own_v, cell)))
-                if sampled_luma is not None:
-                    if not bitstream:  # no bitstream motion: match against the previous sampled frame
-                        accumulated = _camera_free_magnitude(*block_motion(sampled_luma, luma, cell=cell))
-                    maps["since"][first] = wmap(accumulated) * wmap.scale
-                    maps["change"][first] = wmap(np.abs(luma - sampled_luma))
+            if since_maps and number > 0 and sampled_luma is not None:
+                if not bitstream:  # no bitstream motion: match against the previous sampled frame
+                    accumulated = _camera_free_magnitude(*block_motion(sampled_luma, luma, cell=cell))
+                maps["since"][first] = wmap(accumulated) * wmap.scale
+                maps["change"][first] = wmap(np.abs(luma - sampled_luma))
             accumulated[:] = 0
             sampled_luma, last_slot = luma, slots[-1]
         if frame.pict_type in (1, 2):  # I or P: the reference of the frames that follow
@@ -349,10 +356,10 @@ def scan_video(
         patch_size=patch_size,
         motion_source=motion_source,
         total_frames=total,
-        own_motion=maps["own"] if motion else None,
-        residual=maps["res"] if motion else None,
-        motion_since=maps["since"] if motion else None,
-        change_since=maps["change"] if motion else None,
+        own_motion=maps["own"] if own_maps else None,
+        residual=maps["res"] if own_maps else None,
+        motion_since=maps["since"] if since_maps else None,
+        change_since=maps["change"] if since_maps else None,
         work_valid=wmap.valid,
     )
 
@@ -411,9 +418,11 @@ CHANGE_FLOOR = 8.0
 
 def patch_scores(scan: VideoScan, policy: str = DEFAULT_POLICY) -> torch.Tensor:
     """Per-patch scores `[T, rows, cols]` of a scan under `policy` ("balanced" or "reference")."""
-    if scan.own_motion is None:
-        raise ValueError("this scan was made without motion (motion=False); it has no scores")
     valid = scan.work_valid
+    measured = scan.own_motion if policy == "reference" else scan.motion_since
+    if policy in POLICIES and measured is None:
+        raise ValueError(f"this scan did not measure what policy {policy!r} scores (made with motion=False "
+                         "or for another policy)")
     if policy == "reference":
         fused = (_per_frame_p95(scan.own_motion, valid, 1e-6) + _per_frame_p95(scan.residual, valid, 1.0)) / 2
     elif policy == "balanced":
@@ -589,7 +598,7 @@ def select_patches(
     _check_geometry(size, patch_size, resize)
     rows = size // patch_size
     count = _budget_count(budget, num_frames * rows * rows)
-    scan = scan_video(path, num_frames, size, patch_size, resize, motion=True, progress=progress)
+    scan = scan_video(path, num_frames, size, patch_size, resize, motion=True, progress=progress, policy=policy)
     scores = patch_scores(scan, policy)
     kept = choose_patches(scores, scan.valid, count, keep_first_frame, policy == "balanced", patch_size)
     return _pack(scan, kept, scores=scores, policy=policy, frames=scan.frames if keep_frames else None)
