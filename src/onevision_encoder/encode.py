@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -238,13 +239,23 @@ class Encoder:
     def _encode_chunks(self, out: str, chunk_ids: list[int], chunks: list[list[str]], rank: int) -> None:
         """Encode these chunks' inputs as one stream, writing each chunk's shard as soon as it is complete."""
         paths = [path for j in chunk_ids for path in chunks[j]]
+        if not paths:
+            return
         owners = [j for j in chunk_ids for _ in chunks[j]]
         pending: dict[int, list[ItemFeatures]] = {j: [] for j in chunk_ids}
-        for position, item in enumerate(self._encode_items(paths, show_progress=self.progress and rank == 0)):
-            j = owners[position]
-            pending[j].append(item)
-            if len(pending[j]) == len(chunks[j]):
-                write_shard(out, j, pending.pop(j), self.tokens, rank)
+        # Shards are written by a thread so the model need not wait for the disk (token shards are large);
+        # one write at a time bounds the memory held by finished chunks.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            writing = None
+            for position, item in enumerate(self._encode_items(paths, show_progress=self.progress and rank == 0)):
+                j = owners[position]
+                pending[j].append(item)
+                if len(pending[j]) == len(chunks[j]):
+                    if writing is not None:
+                        writing.result()
+                    writing = writer.submit(write_shard, out, j, pending.pop(j), self.tokens, rank)
+            if writing is not None:
+                writing.result()
 
     def _write_index(self, out: str, chunks: list[list[str]]) -> None:
         records, failures = [], []

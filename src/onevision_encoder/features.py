@@ -128,19 +128,26 @@ class Features:
     `[K_i, 3]` (t, row, col) of input i.
     """
 
-    def __init__(self, records: list[dict], pooled: torch.Tensor, failures: list[dict], token_source=None):
+    def __init__(self, records: list[dict], pooled, failures: list[dict], token_source=None):
+        """pooled: the `[N, D]` tensor, or a function that reads it (called on first use of `.pooled`)."""
         self.records = records
         self.paths = [r["path"] for r in records]
-        self.pooled = pooled
+        self._pooled = pooled
         self.failures = failures
         self._token_source = token_source
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        if callable(self._pooled):
+            self._pooled = self._pooled()
+        return self._pooled
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __repr__(self) -> str:
-        return (f"Features({len(self)} inputs, pooled {tuple(self.pooled.shape)}, "
-                f"tokens {'yes' if self.has_tokens else 'no'}, {len(self.failures)} failed)")
+        return (f"Features({len(self)} inputs, tokens {'yes' if self.has_tokens else 'no'}, "
+                f"{len(self.failures)} failed)")
 
     @property
     def has_tokens(self) -> bool:
@@ -198,16 +205,20 @@ def load_features(out_dir: str | os.PathLike) -> Features:
     failures_path = os.path.join(out_dir, FAILURES_FILE)
     failures = read_jsonl(failures_path) if os.path.exists(failures_path) else []
     settings = read_settings(out_dir) or {}
+    token_source = ShardTokens(out_dir, records) if settings.get("tokens") else None
+    return Features(records, lambda: _read_pooled(out_dir, records, settings.get("hidden_size", 0)), failures,
+                    token_source)
+
+
+def _read_pooled(out_dir: str, records: list[dict], hidden_size: int) -> torch.Tensor:
+    """`[N, D]` pooled features of the index records, in their order."""
+    if not records:
+        return torch.empty(0, hidden_size)
     pooled_by_shard: dict[str, torch.Tensor] = {}
     for name in dict.fromkeys(r["shard"] for r in records):
         with safe_open(os.path.join(out_dir, name), framework="pt") as f:
             pooled_by_shard[name] = f.get_tensor("pooled")
-    if records:
-        pooled = torch.stack([pooled_by_shard[r["shard"]][r["row"]] for r in records])
-    else:
-        pooled = torch.empty(0, settings.get("hidden_size", 0))
-    token_source = ShardTokens(out_dir, records) if settings.get("tokens") else None
-    return Features(records, pooled, failures, token_source)
+    return torch.stack([pooled_by_shard[r["shard"]][r["row"]] for r in records])
 
 
 def read_settings(out_dir: str) -> dict | None:
