@@ -58,6 +58,18 @@ def run_cli(*args, **kwargs):
                           text=True, timeout=300, **kwargs)
 
 
+def processes_with(environment_mark: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"OVE_TEST={environment_mark}".encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
 def test_features_equal_the_model_run_on_each_input_alone(media, in_memory):
     model = OneVisionEncoderModel.from_pretrained(TINY).eval()
     preprocessing = Preprocessing.with_defaults("codec", FRAMES, BUDGET)
@@ -111,9 +123,10 @@ def test_index_maps_each_input_to_its_shard_row_and_settings(media, reference_di
 def test_killed_run_resumes_to_the_same_index(media, reference_dir, tmp_path):
     out = tmp_path / "features"
     first_shard = out / "shards" / "shard-00000.safetensors"
+    mark = f"ove-test-{os.getpid()}-{time.monotonic_ns()}"  # finds the run's loader processes afterwards
     process = subprocess.Popen([sys.executable, "-m", "onevision_encoder.cli", "encode", str(media), "--out", str(out),
-                                "--workers", "0", "--tokens", *CLI_SETTINGS],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--workers", "1", "--tokens", *CLI_SETTINGS],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OVE_TEST": mark})
     deadline = time.monotonic() + 120
     while not first_shard.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -124,6 +137,10 @@ def test_killed_run_resumes_to_the_same_index(media, reference_dir, tmp_path):
     written = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
     assert "shard-00000.safetensors" in written and len(written) < 4
     assert not (out / "index.jsonl").exists()
+    deadline = time.monotonic() + 15
+    while processes_with(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_with(mark), "loader processes outlived the killed run"
 
     resumed = run_cli(str(media), "--out", str(out), "--workers", "0", "--tokens", *CLI_SETTINGS)
     assert resumed.returncode == 1, resumed.stderr  # the corrupt inputs fail again

@@ -7,8 +7,11 @@ sharing out between ranks, and becomes one shard (see `features.py` for the fold
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -279,7 +282,8 @@ class Encoder:
         loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
                             collate_fn=collate_samples, pin_memory=self.device.type == "cuda",
                             prefetch_factor=4 if self.workers else None,
-                            multiprocessing_context=_worker_context() if self.workers else None)
+                            multiprocessing_context=_worker_context() if self.workers else None,
+                            worker_init_fn=functools.partial(_exit_with, os.getpid()))
         failed = 0
         with tqdm(total=len(dataset), unit="item", desc="encode", disable=not show_progress, smoothing=0.1) as bar:
             for batch in loader:
@@ -321,6 +325,21 @@ def _worker_context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["onevision_encoder.data", "onevision_encoder.codec"])
     return context
+
+
+def _exit_with(main_pid: int, worker_id: int) -> None:
+    """Make a loader worker end when the main process is gone. Workers started by the fork server are its
+    children, not ours, so DataLoader's own parent check never fires when the main process is killed."""
+
+    def watch():
+        while True:
+            time.sleep(1)
+            try:
+                os.kill(main_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, name=f"exit-with-{main_pid}", daemon=True).start()
 
 
 def _chunk_entries(out: str, chunk_id: int, chunk: list[str]) -> list[dict] | None:
