@@ -88,6 +88,8 @@ class Ranks:
             import torch.distributed as dist
 
             if not dist.is_initialized():
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)  # NCCL's barrier runs on the current device
                 backend = "nccl" if device.type == "cuda" else "gloo"
                 dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
                 self._joined = True
@@ -106,10 +108,15 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+def _rank_device(device: str | torch.device | None) -> torch.device:
+    """The device asked for, defaulting to a GPU if there is one; a GPU without an index means this
+    rank's own (LOCAL_RANK under torchrun), so that `--device cuda` works the same with one process or many."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def default_workers() -> int:
@@ -156,7 +163,7 @@ class Encoder:
         shard_size: int | None = None,
         progress: bool = True,
     ):
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = _rank_device(device)
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -177,6 +184,8 @@ class Encoder:
         self.tokens = tokens
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         self.progress = progress
         from . import __version__
 
