@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from .codec import sample_frames, select_patches
 from .processing import IMAGE_SIZE, VIDEO_SIZE, PatchClip, collate_patch_lists, grid_positions, image_processor, patchify
 
 VIDEO_EXTENSIONS = frozenset(
@@ -170,12 +171,10 @@ class Preprocessing:
             if _extension(path) in VIDEO_EXTENSIONS:
                 raise ValueError("a video file (mode 'image' encodes images only)")
             return self._load_image(path)
-        from . import codec  # imported here: only video inputs need PyAV
-
         if mode == "codec":
-            return codec.select_patches(path, num_frames=self.frames, budget=self.budget, size=self.video_size,
-                                        patch_size=self.patch_size)
-        return codec.sample_frames(path, num_frames=self.frames, size=self.video_size, patch_size=self.patch_size)
+            return select_patches(path, num_frames=self.frames, budget=self.budget, size=self.video_size,
+                                  patch_size=self.patch_size)
+        return sample_frames(path, num_frames=self.frames, size=self.video_size, patch_size=self.patch_size)
 
     def _load_image(self, path: str) -> PatchClip:
         from PIL import Image

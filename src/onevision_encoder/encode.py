@@ -332,7 +332,7 @@ def _worker_context():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["onevision_encoder.data", "onevision_encoder.codec"])
+    context.set_forkserver_preload(["onevision_encoder.data"])
     return context
 
 
