@@ -222,3 +222,12 @@ def test_two_ranks_under_torchrun_resume_and_give_the_single_process_index(media
     torch.testing.assert_close(two.pooled, one.pooled, atol=1e-5, rtol=1e-5)
     for i in range(len(one)):
         torch.testing.assert_close(two.tokens(i), one.tokens(i), atol=1e-4, rtol=1e-4)
+
+
+def test_frames_mode_encodes_whole_uniform_frames_on_the_time_grid(media):
+    encoder = Encoder(TINY, mode="frames", frames=4, tokens=True, workers=0, progress=False)
+    features = encoder.encode([media / "e_video.mp4", media / "c_image.png"])
+    assert [r["mode"] for r in features.records] == ["frames", "image"]
+    assert features.records[0]["frames"] == 4 and features.records[0]["budget"] is None
+    assert features.records[0]["num_tokens"] == 4 * 16 * 16
+    assert features.positions(0)[:, 0].unique().tolist() == [0, 21, 42, 63]
