@@ -173,6 +173,7 @@ def exit_code(argv):
     (["--frames", "2", "--budget", "600"], r"budget must be between 256 \(one whole frame\) and 512"),
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--workers", "-1"], "workers must be >= 0"),
+    (["--model", "/no/such/model"], "model '/no/such/model': no such folder"),
 ])
 def test_bad_arguments_are_one_clear_error(media, tmp_path, capsys, args, message):
     assert exit_code(["encode", str(media), "--out", str(tmp_path / "o"), "--model", TINY, *args]) == 2

@@ -126,6 +126,16 @@ def default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) // local_ranks - 1))
 
 
+def _load_model(name: str):
+    """A local folder in the published layout, or a hub id; a path that does not exist is named as such
+    rather than being passed on as a (malformed) hub id."""
+    from .modeling import OneVisionEncoderModel
+
+    if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"model {name!r}: no such folder")
+    return OneVisionEncoderModel.from_pretrained(os.path.expanduser(name), dtype=torch.float32)
+
+
 def _model_name(model) -> str:
     if isinstance(model, (str, os.PathLike)):
         model = os.fspath(model)
@@ -174,9 +184,7 @@ class Encoder:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.model_name = _model_name(model)
         if isinstance(model, (str, os.PathLike)):
-            from .modeling import OneVisionEncoderModel
-
-            model = OneVisionEncoderModel.from_pretrained(os.fspath(model), dtype=torch.float32)
+            model = _load_model(os.fspath(model))
         self.model = model.to(self.device).eval()
         config = self.model.config
         self.preprocessing = Preprocessing.with_defaults(mode, frames, budget, patch_size=config.patch_size)
