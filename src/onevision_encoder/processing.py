@@ -7,6 +7,7 @@ the dataset encoder and the quick-start helpers all normalise and order patches 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -27,10 +28,15 @@ def image_processor(size: int = IMAGE_SIZE):
     """The published image preprocessing as transformers' `CLIPImageProcessor`.
 
     Bicubic resize of the short side to `size`, centre crop `size`×`size`, rescale to [0, 1], CLIP mean/std.
+    Always PIL's resampling, as the published model was preprocessed: transformers 5 names that backend
+    `CLIPImageProcessorPil` (its plain `CLIPImageProcessor` uses torchvision when installed).
     """
-    from transformers import CLIPImageProcessor
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:  # transformers 4.x: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as processor_class
 
-    return CLIPImageProcessor(
+    return processor_class(
         do_resize=True,
         size={"shortest_edge": size},
         resample=3,  # PIL bicubic
@@ -51,9 +57,14 @@ def save_preprocessor_config(directory: str | os.PathLike, size: int = IMAGE_SIZ
     After this, `AutoImageProcessor.from_pretrained(directory)` gives the same `CLIPImageProcessor`.
     Returns the path of the written file.
     """
+    path = os.path.join(os.fspath(directory), "preprocessor_config.json")
     os.makedirs(directory, exist_ok=True)
-    image_processor(size).save_pretrained(directory)
-    return os.path.join(os.fspath(directory), "preprocessor_config.json")
+    config = image_processor(size).to_dict()
+    config["image_processor_type"] = "CLIPImageProcessor"  # the name transformers 4.x and 5.x both know
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
 
 
 def temporal_slots(num_frames: int, temporal_size: int = 64) -> torch.Tensor:
