@@ -267,3 +267,25 @@ def test_more_than_64_frames_with_indices(model):
     ref = run(model, pixel_values=ove.patchify(video.transpose(1, 2), 14).flatten(1, 2), patch_positions=pos)
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, **TOL)
     assert math.isfinite(out.pooler_output.abs().sum().item())
+
+
+def test_gradients_agree_across_backends_and_with_checkpointing():
+    torch.manual_seed(3)
+    image = torch.randn(2, 3, 28, 42)
+    grads, layer_calls = [], []
+    for backend, checkpointing in (("eager", False), ("sdpa", False), ("sdpa", True)):
+        model = AutoModel.from_pretrained(GOLDEN, attn_implementation=backend).train()
+        if checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        calls = []
+        # q_proj runs early in the layer: a recompute reaches it even when it stops as soon as it can
+        model.encoder.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+        x = image.clone().requires_grad_(True)
+        model(pixel_values=x).pooler_output.square().sum().backward()
+        grads.append((x.grad, model.encoder.layers[0].self_attn.q_proj.weight.grad))
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 1, 2]  # checkpointing recomputes the layer in the backward pass
+    assert grads[0][0].abs().sum() > 0 and grads[0][1].abs().sum() > 0
+    for other in grads[1:]:
+        torch.testing.assert_close(other[0], grads[0][0], **TOL)
+        torch.testing.assert_close(other[1], grads[0][1], **TOL)

@@ -72,7 +72,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     already folded into the sine: one flip and one fused multiply-add instead of a negate and a stack.
     """
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return torch.addcmul(x * cos, swapped, signed_sin)
+    return (x * cos).addcmul_(swapped, signed_sin)  # in place: one large temporary fewer
 
 
 # ----------------------------------------------------------------------------------------------------
