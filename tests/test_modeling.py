@@ -244,6 +244,8 @@ BAD_INPUTS = [
     (dict(pixel_values=torch.randn(1, 3, 28, 28), patch_positions=torch.zeros(1, 5, 3)), "5 positions for 4 tokens"),
     (dict(pixel_values=torch.randn(1, 3, 28, 28), patch_positions=torch.zeros(1, 4, 2)), r"\[B, N, 3\]"),
     (dict(pixel_values=torch.randn(1, 6, P)), "needs patch_positions"),
+    (dict(pixel_values=torch.randn(1, 0, P), patch_positions=torch.zeros(1, 0, 3)), "patch list is empty"),
+    (dict(pixel_values=torch.randn(1, 3, 4, 28, 28), visible_indices=torch.zeros(1, 0, dtype=torch.long)), "is empty"),
     (dict(pixel_values=torch.randn(1, 6, P - 1), patch_positions=torch.zeros(1, 6, 3)), "C\\*p\\*p"),
     (dict(pixel_values=torch.randn(2, 6, P), patch_positions=torch.zeros(1, 6, 3)), "batch size"),
     (dict(pixel_values=torch.randn(1, 6, P), patch_positions=torch.zeros(1, 6, 3), attention_mask=torch.ones(1, 5)),

@@ -307,6 +307,8 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
                 f"(patch list), got shape {tuple(pixel_values.shape)}"
             )
         b = pixel_values.shape[0]
+        if pixel_values.ndim == 3 and pixel_values.shape[1] == 0:
+            raise ValueError("the patch list is empty (pixel_values [B, 0, C*p*p]): nothing to encode")
         if patch_positions is not None:
             if not isinstance(patch_positions, torch.Tensor) or patch_positions.ndim != 3 or patch_positions.shape[-1] != 3:
                 shape = tuple(patch_positions.shape) if isinstance(patch_positions, torch.Tensor) else type(patch_positions)
@@ -317,6 +319,8 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
                 shape = tuple(visible_indices.shape) if isinstance(visible_indices, torch.Tensor) else type(visible_indices)
                 raise ValueError(f"visible_indices must be [B, N], got {shape}")
             _check_integer("visible_indices", visible_indices)
+            if visible_indices.shape[1] == 0:
+                raise ValueError("visible_indices is empty ([B, 0]): nothing to encode")
             _check_batch("visible_indices", visible_indices, b)
 
         if pixel_values.ndim == 3:  # patch list
