@@ -156,6 +156,27 @@ def luma_cells(frame, cell: int = CELL, reformatter: VideoReformatter | None = N
     return gray.to_ndarray().astype(np.float32)
 
 
+def _l0_blocks(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The frame's past-referencing (L0) blocks, grouped by block size: (motion [n] as vx + i*vy in decoded
+    pixels, sub-pel units divided out by motion_scale; flat indices [n, k] of the k cells each block covers)."""
+    if mvs is None or len(mvs) == 0:
+        return []
+    h, w = cell_shape
+    mvs = mvs[mvs["source"] < 0]
+    scale = np.maximum(mvs["motion_scale"], 1).astype(np.float32)
+    motion = ((mvs["motion_x"] + 1j * mvs["motion_y"]) / scale).astype(np.complex64)
+    groups = []
+    for bw, bh in set(zip(mvs["w"].tolist(), mvs["h"].tolist())):
+        sel = (mvs["w"] == bw) & (mvs["h"] == bh)
+        nx, ny = max(1, bw // cell), max(1, bh // cell)
+        c0 = (mvs["dst_x"][sel].astype(np.int64) - bw // 2) // cell
+        r0 = (mvs["dst_y"][sel].astype(np.int64) - bh // 2) // cell
+        rr = np.clip(r0[:, None, None] + np.arange(ny)[None, :, None], 0, h - 1)
+        cc = np.clip(c0[:, None, None] + np.arange(nx)[None, None, :], 0, w - 1)
+        groups.append((motion[sel], (rr * w + cc).reshape(len(r0), -1)))
+    return groups
+
+
 def motion_cells(
     mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int = CELL
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -163,20 +184,35 @@ def motion_cells(
     cells without a past-referencing block (intra) stay zero. Sub-pel units divided out by motion_scale."""
     h, w = cell_shape
     v = np.zeros(h * w, np.complex64)  # vx + i*vy: one scatter fills both components
-    if mvs is not None and len(mvs):
-        mvs = mvs[mvs["source"] < 0]
-        scale = np.maximum(mvs["motion_scale"], 1).astype(np.float32)
-        motion = (mvs["motion_x"] + 1j * mvs["motion_y"]) / scale
-        for bw, bh in set(zip(mvs["w"].tolist(), mvs["h"].tolist())):
-            sel = (mvs["w"] == bw) & (mvs["h"] == bh)
-            nx, ny = max(1, bw // cell), max(1, bh // cell)
-            c0 = (mvs["dst_x"][sel].astype(np.int64) - bw // 2) // cell
-            r0 = (mvs["dst_y"][sel].astype(np.int64) - bh // 2) // cell
-            rr = np.clip(r0[:, None, None] + np.arange(ny)[None, :, None], 0, h - 1)
-            cc = np.clip(c0[:, None, None] + np.arange(nx)[None, None, :], 0, w - 1)
-            v[rr * w + cc] = motion[sel][:, None, None]
+    for motion, cells in _l0_blocks(mvs, cell_shape, cell):
+        v[cells] = motion[:, None]
     v = v.reshape(h, w)
     return v.real, v.imag
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+def camera_free_motion(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int = CELL) -> np.ndarray:
+    """Per-cell |v - median(v)| of the frame's L0 motion (`_camera_free_magnitude(*motion_cells(...))`), with
+    the per-component medians taken over the blocks weighted by the cells they cover, cells without an L0
+    block counting as still: a thousand blocks a frame instead of every cell. This runs on every decoded
+    frame, so it is the hot path of the selection."""
+    h, w = cell_shape
+    groups = _l0_blocks(mvs, cell_shape, cell)
+    if not groups:
+        return np.zeros(cell_shape, np.float32)
+    motion = np.concatenate([m for m, _ in groups] + [np.zeros(1, np.complex64)])
+    covered = [np.full(len(m), cells.shape[1], np.float32) for m, cells in groups]
+    weights = np.concatenate(covered + [np.array([max(0.0, h * w - sum(c.sum() for c in covered))], np.float32)])
+    median = _weighted_median(motion.real, weights) + 1j * _weighted_median(motion.imag, weights)
+    magnitude = np.full(h * w, abs(median), np.float32)  # cells without L0 blocks: |0 - median|
+    for m, cells in groups:
+        magnitude[cells] = np.abs(m - median)[:, None]
+    return magnitude.reshape(h, w)
 
 
 def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, block: int = 4, cell: int = CELL):
@@ -326,7 +362,7 @@ def scan_video(
         luma = luma_cells(frame, cell, wmap.gray) if wants_luma else None
         vectors = motion_vectors(frame) if motion and bitstream else None
         if vectors is not None and since_maps:
-            accumulated += _camera_free_magnitude(*motion_cells(vectors, accumulated.shape, cell))
+            accumulated += camera_free_motion(vectors, accumulated.shape, cell)
         if is_sampled:
             pixels, geometry = wmap.square(frame)
             slots = slots_of[number]
@@ -382,7 +418,7 @@ def _own_motion(bitstream: bool, vectors, luma, previous_luma, anchor_distance: 
     if bitstream:
         vx, vy = motion_cells(vectors, luma.shape, cell)
         d = max(1, anchor_distance)
-        return _camera_free_magnitude(vx, vy), (vx / d, vy / d)
+        return camera_free_motion(vectors, luma.shape, cell), (vx / d, vy / d)
     vx, vy = block_motion(previous_luma, luma, cell=cell)
     return _camera_free_magnitude(vx, vy), (vx, vy)
 
