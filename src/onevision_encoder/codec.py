@@ -37,7 +37,6 @@ from .processing import (
     collate_patch_lists,
     grid_positions,
     normalize,
-    patchify,
     FrameGeometry,
     SquarePlan,
     resize_frames,
@@ -597,12 +596,15 @@ def _time_slots(num_frames: int) -> torch.Tensor:
 def _pack(scan: VideoScan, kept: torch.Tensor, **extra) -> CodecClip:
     slots = _time_slots(len(scan.frame_ids))
     t, rows, cols = kept.shape
-    index = kept.flatten().nonzero().squeeze(1)  # raster order of (t, row, col) = the required order
+    frame, row, col = kept.nonzero(as_tuple=True)  # raster order of (t, row, col) = the required order
     p = scan.patch_size
-    kept_patches = patchify(scan.frames, p).reshape(t * rows * cols, 3, p, p)[index]
+    # one gather of the kept patches straight from the frames ([K, 3, p, p], the layout `patchify` gives),
+    # then normalise only those: a fraction of the clip
+    kept_patches = scan.frames.view(t, 3, rows, p, cols, p)[frame, :, row, :, col, :]
+    index = (frame * rows + row) * cols + col
     positions = grid_positions(slots, rows, cols)
     return CodecClip(
-        pixel_values=normalize(kept_patches).flatten(1),  # only the kept patches: a fraction of the clip
+        pixel_values=normalize(kept_patches).flatten(1),
         patch_positions=positions[index],
         frame_ids=torch.from_numpy(scan.frame_ids.copy()),
         path=scan.path,
