@@ -136,16 +136,33 @@ class SquarePlan:
         top, left = ((nh - size) // 2, (nw - size) // 2) if mode == "crop" else ((size - nh) // 2, (size - nw) // 2)
         return cls(mode, size, height, width, nh, nw, top, left)
 
-    def place(self, resized: torch.Tensor) -> tuple[torch.Tensor, FrameGeometry]:
-        """Resized frames `[T, 3, resized_height, resized_width]` (0..1) -> the squares `[T, 3, size, size]`,
-        letterbox padding in the CLIP mean colour (zero once normalised), and the picture's geometry."""
-        size, top, left = self.size, self.top, self.left
+    @property
+    def geometry(self) -> FrameGeometry:
+        """Where the picture lies inside the square."""
         if self.mode == "crop":
-            square = resized[:, :, top : top + size, left : left + size].contiguous()
-            return square, FrameGeometry(size, 0, 0, size, size)
-        square = torch.tensor(CLIP_MEAN, dtype=resized.dtype).view(1, 3, 1, 1).repeat(resized.shape[0], 1, size, size)
-        square[:, :, top : top + self.resized_height, left : left + self.resized_width] = resized
-        return square, FrameGeometry(size, top, left, self.resized_height, self.resized_width)
+            return FrameGeometry(self.size, 0, 0, self.size, self.size)
+        return FrameGeometry(self.size, self.top, self.left, self.resized_height, self.resized_width)
+
+    def resample(self, frame: np.ndarray) -> np.ndarray:
+        """uint8 `[H, W, 3]` -> the picture part of the square, uint8: the whole square for "crop" (only the
+        source box that lands in it is resampled: half the work on 16:9 video), the resized picture for
+        "letterbox". PIL's bicubic, as the CLIP image processor: antialiased, and faster than torch's on CPU."""
+        image = Image.fromarray(frame)
+        if self.mode == "crop":
+            sx, sy = self.width / self.resized_width, self.height / self.resized_height
+            box = (self.left * sx, self.top * sy, (self.left + self.size) * sx, (self.top + self.size) * sy)
+            return np.asarray(image.resize((self.size, self.size), Image.BICUBIC, box=box))
+        return np.asarray(image.resize((self.resized_width, self.resized_height), Image.BICUBIC))
+
+    def to_square(self, pictures: torch.Tensor) -> torch.Tensor:
+        """Resampled pictures as floats `[T, 3, h, w]` -> squares `[T, 3, size, size]`; letterbox padding in
+        the CLIP mean colour, which normalises to exactly zero."""
+        if self.mode == "crop":
+            return pictures
+        size, top, left = self.size, self.top, self.left
+        square = torch.tensor(CLIP_MEAN, dtype=pictures.dtype).view(1, 3, 1, 1).repeat(pictures.shape[0], 1, size, size)
+        square[:, :, top : top + self.resized_height, left : left + self.resized_width] = pictures
+        return square
 
 
 def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[torch.Tensor, FrameGeometry]:
@@ -161,15 +178,8 @@ def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[t
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
     plan = SquarePlan.for_picture(frames.shape[1], frames.shape[2], size, mode)
-    # PIL's bicubic on uint8, as the CLIP image processor: antialiased, and faster than torch's on CPU.
-    if mode == "crop":  # resample only the source region that lands in the square: half the work on 16:9
-        sx, sy = plan.width / plan.resized_width, plan.height / plan.resized_height
-        box = (plan.left * sx, plan.top * sy, (plan.left + size) * sx, (plan.top + size) * sy)
-        squares = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC, box=box)) for f in frames])
-        return torch.from_numpy(squares).permute(0, 3, 1, 2).float().div_(255), FrameGeometry(size, 0, 0, size, size)
-    target = (plan.resized_width, plan.resized_height)
-    resized = np.stack([np.asarray(Image.fromarray(f).resize(target, Image.BICUBIC)) for f in frames])
-    return plan.place(torch.from_numpy(resized).permute(0, 3, 1, 2).float().div_(255))
+    pictures = torch.from_numpy(np.stack([plan.resample(f) for f in frames])).permute(0, 3, 1, 2).float().div_(255)
+    return plan.to_square(pictures), plan.geometry
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
