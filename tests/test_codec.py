@@ -17,6 +17,8 @@ from onevision_encoder import (
     temporal_slots,
 )
 from onevision_encoder.codec import (
+    _camera_free_magnitude,
+    camera_free_motion,
     choose_patches,
     motion_cells,
     patch_scores,
@@ -26,6 +28,7 @@ from onevision_encoder.codec import (
 )
 from onevision_encoder.processing import normalize, patchify, resize_frames
 from onevision_encoder.synthetic import write_video
+from onevision_encoder.video import motion_vectors
 
 SIZE, P = 224, 14
 ROWS = SIZE // P
@@ -331,3 +334,29 @@ def test_scan_for_one_policy_selects_the_same_as_a_full_scan(videos, policy):
         patch_scores(only, other)
     assert torch.equal(select_patches(path, policy=policy).kept,
                        choose_patches(patch_scores(full, policy), full.valid, 2048, True, policy == "balanced"))
+
+
+def test_block_weighted_camera_free_motion_equals_the_per_cell_definition(tmp_path):
+    meta = write_video(tmp_path / "pan.mp4", scene="pan", num_frames=24, width=W, height=H, bf=2)
+    with av.open(meta["path"]) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        vectors = [motion_vectors(frame) for frame in container.decode(stream)]
+    shape = (-(-H // 4), -(-W // 4))
+    compared = 0
+    for mvs in vectors:
+        per_cell = _camera_free_magnitude(*motion_cells(mvs, shape, 4))
+        np.testing.assert_allclose(camera_free_motion(mvs, shape, 4), per_cell, atol=1e-4)
+        compared += mvs is not None and per_cell.max() > 0
+    assert compared > 10  # the pan gives real, non-zero motion on most frames
+    # Weights matter: eight 4x4 blocks moving by 10 px against three still 32x32 blocks (and still,
+    # uncovered cells) must give a median of 0, not the 10 an unweighted median of the blocks gives.
+    blocks = np.zeros(11, dtype=next(m for m in vectors if m is not None).dtype)
+    blocks["source"], blocks["motion_scale"] = -1, 1
+    blocks["w"][:8] = blocks["h"][:8] = 4
+    blocks["dst_x"][:8], blocks["dst_y"][:8], blocks["motion_x"][:8] = (8 + np.arange(8)) * 4 + 2, 12 * 4 + 2, 10
+    blocks["w"][8:] = blocks["h"][8:] = 32  # three quadrants; the small blocks lie in the fourth, on cell row 12
+    blocks["dst_x"][8:], blocks["dst_y"][8:] = [16, 48, 16], [16, 16, 48]
+    magnitude = camera_free_motion(blocks, (16, 16), 4)
+    assert magnitude[12, 8:].tolist() == [10.0] * 8 and magnitude.sum() == 80
+    np.testing.assert_allclose(magnitude, _camera_free_magnitude(*motion_cells(blocks, (16, 16), 4)))
