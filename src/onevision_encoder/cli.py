@@ -87,6 +87,7 @@ def _budget(text: str) -> int | float:
 
 def _add_select_parser(sub) -> None:
     from .codec import DEFAULT_POLICY, POLICIES
+    from .processing import RESIZE_MODES
 
     p = sub.add_parser(
         "select",
@@ -101,7 +102,7 @@ def _add_select_parser(sub) -> None:
     p.add_argument("--size", type=_positive_int, default=224, help="frame side in pixels (default %(default)s)")
     p.add_argument("--patch-size", type=_positive_int, default=14, help="patch side (default %(default)s)")
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY, help="scoring (default %(default)s)")
-    p.add_argument("--resize", choices=("crop", "letterbox"), default="crop", help="default %(default)s")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="crop", help="default %(default)s")
     p.add_argument("--out", metavar="PICTURE.png", help="contact sheet of the sampled frames, kept patches bright")
     p.add_argument("--save", metavar="SELECTION.npz", help="positions, frame ids, scores and kept mask")
     p.set_defaults(func=_run_select)

@@ -37,6 +37,7 @@ from .processing import (
     collate_patch_lists,
     grid_positions,
     normalize,
+    RESIZE_MODES,
     FrameGeometry,
     SquarePlan,
     resize_frames,
@@ -65,7 +66,6 @@ POLICIES = ("balanced", "reference")
 DEFAULT_POLICY = "balanced"
 CELL = 4  # motion vectors come in blocks of >= 4x4 pixels: the smallest cell of the per-frame maps
 WORK_PER_PATCH = 4  # work pixels per patch side: scores at (rows*4)^2, e.g. 64x64 for 224/14
-TEMPORAL_SIZE = 64  # slots of the model's temporal RoPE grid
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,14 +284,15 @@ class VideoScan:
 def _check_geometry(size: int, patch_size: int, resize: str) -> None:
     if patch_size < 1 or size < patch_size or size % patch_size:
         raise ValueError(f"size {size} must be a positive multiple of patch_size {patch_size}")
-    if resize not in ("crop", "letterbox"):
-        raise ValueError(f"resize must be 'crop' or 'letterbox', got {resize!r}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
 
 
 @contextmanager
 def _torch_single_threaded():
-    """Per-frame tensors are small: measured on 2 cores, OpenMP hand-offs made resizing one frame 10-30x
-    slower with 2 torch threads than with 1 (and the decoder wants the other core). Restored afterwards."""
+    """Per-frame tensors are small: on 2 cores, OpenMP hand-offs made the per-frame tensor work 10-30x slower
+    with 2 torch threads than with 1 (measured when frames were resized with torch), and the decoder wants
+    the other core. Restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -588,13 +589,9 @@ class CodecClip(PatchClip):
         return {"pixel_values": video, "visible_indices": flat.unsqueeze(0)}
 
 
-def _time_slots(num_frames: int) -> torch.Tensor:
-    return torch.arange(num_frames) if num_frames == TEMPORAL_SIZE else temporal_slots(num_frames, TEMPORAL_SIZE)
-
-
 @_torch_single_threaded()
 def _pack(scan: VideoScan, kept: torch.Tensor, **extra) -> CodecClip:
-    slots = _time_slots(len(scan.frame_ids))
+    slots = temporal_slots(len(scan.frame_ids))  # 64 frames: slot i is frame i
     t, rows, cols = kept.shape
     frame, row, col = kept.nonzero(as_tuple=True)  # raster order of (t, row, col) = the required order
     p = scan.patch_size

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import OneVisionEncoderConfig
-from .processing import temporal_slots
+from .processing import grid_positions, temporal_slots
 
 try:  # transformers >= 4.52; keeps gradient checkpointing on the usual switch
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -380,10 +380,7 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         # No positions given: frames of a video are spread over the temporal slots like uniformly sampled
         # frames (T=16 -> t = 0, 4, ..., 63; T=64 -> 0..63); beyond the slot count, t is the frame index.
         t_slots = temporal_slots(frames, cfg.rope_temporal_size) if frames <= cfg.rope_temporal_size else torch.arange(frames)
-        t = t_slots.to(device).repeat_interleave(grid)
-        r = torch.arange(rows, device=device).repeat_interleave(cols).repeat(frames)
-        col = torch.arange(cols, device=device).repeat(rows * frames)
-        return tokens, torch.stack([t, r, col], dim=-1).unsqueeze(0).expand(b, -1, -1)
+        return tokens, grid_positions(t_slots, rows, cols).to(device).unsqueeze(0).expand(b, -1, -1)
 
     def forward(
         self,
