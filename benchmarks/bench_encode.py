@@ -10,7 +10,7 @@ Inputs: generated H.264 videos (`synthetic.write_video`), read with the publishe
 2048 kept patches, 224 px, 14 px patches) unless told otherwise. Model: a local checkpoint (`--model`) or
 a randomly initialised one of the size given by `--size` (random weights run exactly as fast).
 
-    python benchmarks/bench_encode.py                         # ~3 minutes on 2 CPU cores
+    python benchmarks/bench_encode.py                         # about a minute on 2 CPU cores
     python benchmarks/bench_encode.py --size large --videos 256 --batch-size 16 --device cuda
 
 The last line is `pipeline_efficiency=X.XX`.
