@@ -360,3 +360,31 @@ def test_block_weighted_camera_free_motion_equals_the_per_cell_definition(tmp_pa
     magnitude = camera_free_motion(blocks, (16, 16), 4)
     assert magnitude[12, 8:].tolist() == [10.0] * 8 and magnitude.sum() == 80
     np.testing.assert_allclose(magnitude, _camera_free_magnitude(*motion_cells(blocks, (16, 16), 4)))
+
+
+def test_block_motion_finds_a_known_shift_and_reads_flat_areas_as_still():
+    from onevision_encoder.codec import block_motion
+
+    rng = np.random.default_rng(0)
+    previous = rng.uniform(0, 255, (45, 80)).astype(np.float32)
+    current = np.roll(previous, (2, -3), axis=(0, 1))  # current[y, x] = previous[y - 2, x + 3]
+    vx, vy = block_motion(previous, current, cell=4)
+    inner = (slice(8, -8), slice(8, -8))  # away from the wrapped-around border
+    assert np.all(vx[inner] == 12) and np.all(vy[inner] == -8)  # where each block came from, in pixels
+    flat = np.full((23, 41), 90.0, np.float32)  # odd size, every shift ties: the smallest (none) wins
+    vx, vy = block_motion(flat, flat)
+    assert vx.shape == (23, 41) and not vx.any() and not vy.any()
+
+
+def test_skipping_undecoded_b_frames_changes_no_selection(tmp_path, monkeypatch):
+    from onevision_encoder import codec
+
+    path = write_video(tmp_path / "b.mp4", num_frames=90, width=W, height=H, bf=3)["path"]
+    skipped = scan_video(path)
+    decode_all = codec.decode_frames
+    monkeypatch.setattr(codec, "decode_frames", lambda *args, needed=None, **kw: decode_all(*args, **kw))
+    whole = scan_video(path)
+    assert torch.equal(skipped.frames, whole.frames)
+    for name in ("own_motion", "residual", "motion_since", "change_since"):
+        np.testing.assert_array_equal(getattr(skipped, name), getattr(whole, name))
+    assert np.abs(whole.motion_since).sum() > 0

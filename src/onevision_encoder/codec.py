@@ -24,7 +24,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,10 +41,9 @@ from .processing import (
     collate_patch_lists,
     grid_positions,
     normalize,
+    patchify,
     RESIZE_MODES,
-    FrameGeometry,
     SquarePlan,
-    resize_frames,
     temporal_slots,
 )
 from .video import VideoDecodeError, decode_frames, motion_vectors, probe_video, quarter_turns, sample_indices
@@ -64,7 +67,8 @@ __all__ = [
 
 POLICIES = ("balanced", "reference")
 DEFAULT_POLICY = "balanced"
-CELL = 4  # motion vectors come in blocks of >= 4x4 pixels: the smallest cell of the per-frame maps
+MV_GRID = 4  # motion vectors come in blocks of >= 4x4 pixels on a 4-pixel grid
+CELL = MV_GRID  # the smallest cell of the per-frame maps
 WORK_PER_PATCH = 4  # work pixels per patch side: scores at (rows*4)^2, e.g. 64x64 for 224/14
 
 
@@ -109,9 +113,8 @@ class _WorkMap:
     rows: np.ndarray
     cols: np.ndarray
     valid: np.ndarray
-    # One scaler per conversion, reused for every frame: a fresh FFmpeg scaler context per frame (what
-    # `frame.to_ndarray` makes) cost 4-10x more than the conversion itself in the decoding loop.
-    rgb: VideoReformatter = field(default_factory=VideoReformatter, repr=False)
+    # One scaler reused for every frame: a fresh FFmpeg scaler context per frame (what `frame.to_ndarray`
+    # makes) cost 4-10x more than the conversion itself in the decoding loop.
     gray: VideoReformatter = field(default_factory=VideoReformatter, repr=False)
 
     @property
@@ -126,19 +129,64 @@ class _WorkMap:
         cell = _cell_size(plan, work)
         return cls(turns, plan, cell, *_work_index(plan, work, cell))
 
-    def square(self, frame) -> tuple[torch.Tensor, FrameGeometry]:
-        """The decoded frame upright on the model's square, `[3, size, size]` in 0..1, resized the shared way
-        (`resize_frames`). Converting to RGB at full resolution first matters: letting FFmpeg scale and
-        convert 4:2:0 in one step measured 3-9 dB further from the true frames on 640x360 and 1280x720."""
-        rgb = self.rgb.reformat(frame, format="rgb24").to_ndarray()
+    def picture(self, frame, rgb: VideoReformatter) -> np.ndarray:
+        """The decoded frame upright and resampled for the model's square (`SquarePlan.resample`, uint8), the
+        same pixels `resize_frames` gives. Converting to RGB at full resolution first matters: letting FFmpeg
+        scale and convert 4:2:0 in one step measured 3-9 dB further from the true frames on 640x360 and
+        1280x720. No torch here: this runs in worker threads (`_SquareFrames`)."""
+        pixels = rgb.reformat(frame, format="rgb24").to_ndarray()
         if self.turns:
-            rgb = np.ascontiguousarray(np.rot90(rgb, self.turns))
-        square, geometry = resize_frames(rgb[None], self.plan.size, self.plan.mode)
-        return square[0], geometry
+            pixels = np.ascontiguousarray(np.rot90(pixels, self.turns))
+        return self.plan.resample(pixels)
 
     def __call__(self, cells: np.ndarray) -> np.ndarray:
         display = np.rot90(cells, self.turns) if self.turns else cells
         return np.where(self.valid, display[self.rows[:, None], self.cols[None, :]], 0).astype(np.float32)
+
+
+class _SquareFrames:
+    """Puts the sampled frames on the model's square in worker threads while decoding goes on.
+
+    The RGB conversion, PIL's bicubic resize and the float conversion release the GIL and, on small videos,
+    cost as much as decoding every frame: done in turn with decoding they doubled the selection time. The
+    workers run no torch (its OpenMP pool per thread oversubscribed the cores: more workers ran slower).
+    At most `ahead` decoded frames wait, so memory stays bounded by the sampled frames at the working
+    resolution."""
+
+    def __init__(self, wmap: _WorkMap, num_frames: int, workers: int | None = None, ahead: int = 8):
+        self.wmap, self.ahead = wmap, ahead
+        self.frames = torch.empty(num_frames, 3, wmap.plan.size, wmap.plan.size)
+        self.pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1))
+        self.local = threading.local()  # one FFmpeg scaler per thread: they are not thread-safe
+        self.pending: deque = deque()
+
+    def put(self, frame, slots: list[int]) -> None:
+        self.pending.append((slots, self.pool.submit(self._square, frame, slots[0])))
+        while len(self.pending) > self.ahead:
+            self._finish_oldest()
+
+    def finish(self, last_slot: int) -> torch.Tensor:
+        """Wait for every frame; slots after `last_slot` (a stream that ended early) repeat it. Returns the
+        squares `[T, 3, size, size]` in 0..1."""
+        while self.pending:
+            self._finish_oldest()
+        self.frames[last_slot + 1 :] = self.frames[last_slot]
+        return self.frames
+
+    def close(self) -> None:
+        """Stop the workers, dropping frames not started (after an error)."""
+        self.pool.shutdown(cancel_futures=True)
+
+    def _square(self, frame, slot: int) -> None:
+        if not hasattr(self.local, "rgb"):
+            self.local.rgb = VideoReformatter()
+        self.wmap.plan.place(self.wmap.picture(frame, self.local.rgb), self.frames[slot].numpy())
+
+    def _finish_oldest(self) -> None:
+        slots, job = self.pending.popleft()
+        job.result()
+        for slot in slots[1:]:  # a frame sampled for several slots
+            self.frames[slot] = self.frames[slots[0]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,38 +203,49 @@ def luma_cells(frame, cell: int = CELL, reformatter: VideoReformatter | None = N
     return gray.to_ndarray().astype(np.float32)
 
 
-def _l0_blocks(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The frame's past-referencing (L0) blocks, grouped by block size: (motion [n] as vx + i*vy in decoded
-    pixels, sub-pel units divided out by motion_scale; flat indices [n, k] of the k cells each block covers)."""
-    if mvs is None or len(mvs) == 0:
-        return []
-    h, w = cell_shape
-    mvs = mvs[mvs["source"] < 0]
-    scale = np.maximum(mvs["motion_scale"], 1).astype(np.float32)
-    motion = ((mvs["motion_x"] + 1j * mvs["motion_y"]) / scale).astype(np.complex64)
-    groups = []
-    for bw, bh in set(zip(mvs["w"].tolist(), mvs["h"].tolist())):
-        sel = (mvs["w"] == bw) & (mvs["h"] == bh)
-        nx, ny = max(1, bw // cell), max(1, bh // cell)
-        c0 = (mvs["dst_x"][sel].astype(np.int64) - bw // 2) // cell
-        r0 = (mvs["dst_y"][sel].astype(np.int64) - bh // 2) // cell
-        rr = np.clip(r0[:, None, None] + np.arange(ny)[None, :, None], 0, h - 1)
-        cc = np.clip(c0[:, None, None] + np.arange(nx)[None, None, :], 0, w - 1)
-        groups.append((motion[sel], (rr * w + cc).reshape(len(r0), -1)))
-    return groups
+@dataclass
+class _L0Blocks:
+    """A frame's past-referencing (L0) blocks as rectangles on the 4-pixel grid (the motion-block grid):
+    motion [n] as vx + i*vy in decoded pixels (sub-pel units divided out by motion_scale), area [n] in grid
+    squares inside the frame, corners [4, n] flat indices (r0,c0), (r0,c1), (r1,c0), (r1,c1) into a
+    (rows+1) x (cols+1) difference array, so that filling every rectangle is one bincount and two cumsums."""
 
+    motion: np.ndarray
+    area: np.ndarray
+    corners: np.ndarray
 
-def motion_cells(
-    mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int = CELL
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell L0 (past-reference) motion (vx, vy) in decoded pixels; each block fills the cells it covers,
-    cells without a past-referencing block (intra) stay zero. Sub-pel units divided out by motion_scale."""
-    h, w = cell_shape
-    v = np.zeros(h * w, np.complex64)  # vx + i*vy: one scatter fills both components
-    for motion, cells in _l0_blocks(mvs, cell_shape, cell):
-        v[cells] = motion[:, None]
-    v = v.reshape(h, w)
-    return v.real, v.imag
+    @classmethod
+    def of(cls, mvs: np.ndarray | None, grid: tuple[int, int]) -> "_L0Blocks | None":
+        if mvs is None or len(mvs) == 0:
+            return None
+        rows, cols = grid
+        # Whole-array integer ops, one selection at the end: a boolean mask on the structured array itself
+        # cost more than everything else here together (this runs for every I/P frame).
+        w, h = mvs["w"].astype(np.int32), mvs["h"].astype(np.int32)
+        x0, y0 = mvs["dst_x"] - (w >> 1), mvs["dst_y"] - (h >> 1)
+        shift = MV_GRID.bit_length() - 1  # >> shift: floor division by the 4-pixel grid
+        c0, c1 = np.maximum(x0 >> shift, 0), np.minimum((x0 + w + MV_GRID - 1) >> shift, cols)
+        r0, r1 = np.maximum(y0 >> shift, 0), np.minimum((y0 + h + MV_GRID - 1) >> shift, rows)
+        keep = np.flatnonzero((mvs["source"] < 0) & (c1 > c0) & (r1 > r0))
+        if len(keep) == 0:
+            return None
+        c0, c1, r0, r1 = c0[keep], c1[keep], r0[keep], r1[keep]
+        scale = np.maximum(mvs["motion_scale"][keep], 1).astype(np.float32)
+        motion = ((mvs["motion_x"][keep] + 1j * mvs["motion_y"][keep]) / scale).astype(np.complex64)
+        stride = cols + 1
+        corners = np.stack([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
+        return cls(motion, ((r1 - r0) * (c1 - c0)).astype(np.float32), corners)
+
+    def camera_free(self, grid: tuple[int, int]) -> tuple[float, np.ndarray]:
+        """|v - median(v)| of the blocks, the per-component medians weighted by the area each block covers,
+        grid squares without an L0 block (intra, or outside every block) counting as still. Returns the
+        value of the uncovered squares, |median|, and per block its |v - median| minus that value."""
+        uncovered = max(0.0, grid[0] * grid[1] - float(self.area.sum()))
+        values = np.append(self.motion, np.complex64(0))
+        weights = np.append(self.area, np.float32(uncovered))
+        median = _weighted_median(values.real, weights) + 1j * _weighted_median(values.imag, weights)
+        base = abs(median)
+        return base, (np.abs(self.motion - median) - base).astype(np.float32)
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -195,23 +254,95 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
 
 
+class _BlockCanvas:
+    """Sums of block rectangles on a frame's 4-pixel grid, read out as means over `cell`-pixel cells.
+
+    Filling goes through a difference array: each block adds its value at two corners and subtracts it at
+    the other two, and two cumulative sums give every grid square the sum of the blocks covering it. The
+    corners of many frames can be gathered before one read-out, which keeps the per-frame cost at a few
+    vector operations over the frame's blocks."""
+
+    def __init__(self, height: int, width: int, cell: int = CELL):
+        self.grid = _cell_shape(height, width, MV_GRID)
+        self.cells = _cell_shape(height, width, cell)
+        self.k = cell // MV_GRID  # grid squares per cell side
+        inside = np.zeros((self.cells[0] * self.k, self.cells[1] * self.k), np.float32)
+        inside[: self.grid[0], : self.grid[1]] = 1
+        self.squares_per_cell = self._pool(inside)
+        self.clear()
+
+    def clear(self) -> None:
+        self.base = 0.0
+        self.corners, self.weights = [], []
+
+    def add(self, corners: np.ndarray, values: np.ndarray, base: float = 0.0) -> None:
+        """Add `values` [n] over the blocks' rectangles and `base` everywhere."""
+        self.base += base
+        self.corners.append(corners.ravel())
+        self.weights.append(np.concatenate([values, -values, -values, values]))
+
+    def read(self) -> np.ndarray:
+        """The per-cell mean of what was added, float32 [cells]."""
+        rows, cols = self.grid
+        if self.corners:
+            diff = np.bincount(np.concatenate(self.corners), np.concatenate(self.weights),
+                               minlength=(rows + 1) * (cols + 1)).reshape(rows + 1, cols + 1)
+            squares = diff.cumsum(0).cumsum(1)[:rows, :cols]
+        else:
+            squares = np.zeros(self.grid)
+        padded = np.zeros((self.cells[0] * self.k, self.cells[1] * self.k))
+        padded[:rows, :cols] = squares
+        return (self._pool(padded) / self.squares_per_cell + self.base).astype(np.float32)
+
+    def _pool(self, squares: np.ndarray) -> np.ndarray:
+        if self.k == 1:
+            return squares
+        return squares.reshape(self.cells[0], self.k, self.cells[1], self.k).sum(axis=(1, 3))
+
+
+def motion_cells(
+    mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int = CELL
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell L0 (past-reference) motion (vx, vy) in decoded pixels: each block fills the cells it covers
+    (the mean where a cell holds several), cells without a past-referencing block (intra) stay zero.
+    Sub-pel units divided out by motion_scale. cell_shape is that of a frame `cell * cell_shape` pixels."""
+    canvas_x = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
+    canvas_y = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
+    blocks = _L0Blocks.of(mvs, canvas_x.grid)
+    if blocks is not None:
+        canvas_x.add(blocks.corners, blocks.motion.real.copy())
+        canvas_y.add(blocks.corners, blocks.motion.imag.copy())
+    return canvas_x.read(), canvas_y.read()
+
+
 def camera_free_motion(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int = CELL) -> np.ndarray:
     """Per-cell |v - median(v)| of the frame's L0 motion (`_camera_free_magnitude(*motion_cells(...))`), with
-    the per-component medians taken over the blocks weighted by the cells they cover, cells without an L0
-    block counting as still: a thousand blocks a frame instead of every cell. This runs on every decoded
-    frame, so it is the hot path of the selection."""
-    h, w = cell_shape
-    groups = _l0_blocks(mvs, cell_shape, cell)
-    if not groups:
-        return np.zeros(cell_shape, np.float32)
-    motion = np.concatenate([m for m, _ in groups] + [np.zeros(1, np.complex64)])
-    covered = [np.full(len(m), cells.shape[1], np.float32) for m, cells in groups]
-    weights = np.concatenate(covered + [np.array([max(0.0, h * w - sum(c.sum() for c in covered))], np.float32)])
-    median = _weighted_median(motion.real, weights) + 1j * _weighted_median(motion.imag, weights)
-    magnitude = np.full(h * w, abs(median), np.float32)  # cells without L0 blocks: |0 - median|
-    for m, cells in groups:
-        magnitude[cells] = np.abs(m - median)[:, None]
-    return magnitude.reshape(h, w)
+    the per-component medians taken over the blocks weighted by the area they cover, cells without an L0
+    block counting as still: a thousand blocks a frame instead of every cell."""
+    canvas = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
+    _add_camera_free(canvas, mvs)
+    return canvas.read()
+
+
+def _add_camera_free(canvas: _BlockCanvas, mvs: np.ndarray | None) -> None:
+    """Add one frame's camera-free motion magnitude to `canvas` (nothing for a frame without L0 blocks).
+    This runs on every decoded frame with motion vectors: the hot path of the selection."""
+    blocks = _L0Blocks.of(mvs, canvas.grid)
+    if blocks is not None:
+        base, values = blocks.camera_free(canvas.grid)
+        canvas.add(blocks.corners, values, base)
+
+
+@lru_cache(maxsize=4)
+def _search(radius: int):
+    """The shifts (dy, dx) block matching tries, nearest first (ties go to the smallest shift, so flat areas
+    read as still), each one's index into the (2r+1)^2 grid of shifts, and its SAD penalty factor."""
+    n = 2 * radius + 1
+    span = range(-radius, radius + 1)
+    shifts = torch.tensor(sorted(((dy, dx) for dy in span for dx in span), key=lambda s: abs(s[0]) + abs(s[1])))
+    grid_index = (shifts[:, 0] + radius) * n + shifts[:, 1] + radius
+    penalty = 1 + 1e-3 * shifts.abs().sum(1).float()
+    return shifts, grid_index, penalty.view(-1, 1, 1)
 
 
 def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, block: int = 4, cell: int = CELL):
@@ -219,23 +350,31 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
 
     For codecs whose decoder exports no motion vectors. Works on luma cells (`cell` pixels a side): blocks
     of `block`x`block` cells (16x16 pixels for 4-pixel cells) searched over +-`radius` cells (+-16 pixels)
-    by sum of absolute differences; ties go to the smallest shift, so flat areas read as still.
+    by sum of absolute differences, the SAD raised by 0.1% per cell of shift so that near-ties go to the
+    smaller shift. All shifts at once in torch: a strided view of the padded previous frame per shift,
+    one subtraction, block sums by adding the block's columns, then its rows (about 1 ms at 160x90 cells).
     """
     h, w = current.shape
-    padded = np.pad(previous, radius, mode="edge")
+    n = 2 * radius + 1
     bh, bw = -(-h // block), -(-w // block)
-    best = np.full((bh, bw), np.inf, np.float32)
-    vx, vy = np.zeros((bh, bw), np.float32), np.zeros((bh, bw), np.float32)
-    shifts = sorted(((dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)),
-                    key=lambda s: abs(s[0]) + abs(s[1]))
-    for dy, dx in shifts:
-        diff = np.abs(current - padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w])
-        diff = np.pad(diff, ((0, bh * block - h), (0, bw * block - w)))
-        sad = diff.reshape(bh, block, bw, block).sum(axis=(1, 3)) * (1 + 1e-3 * (abs(dy) + abs(dx)))
-        better = sad < best
-        best[better], vx[better], vy[better] = sad[better], dx * cell, dy * cell
-    expand = np.ones((block, block), np.float32)
-    return np.kron(vx, expand)[:h, :w], np.kron(vy, expand)[:h, :w]
+    height, width = bh * block, bw * block
+    padded = torch.from_numpy(np.ascontiguousarray(previous, np.float32))[None]
+    padded = F.pad(padded, (radius, radius + width - w, radius, radius + height - h), mode="replicate")[0]
+    s0, s1 = padded.stride()
+    shifted = padded.as_strided((n, n, height, width), (s0, s1, s0, s1))  # [dy + r, dx + r]: moved by (dy, dx)
+    target = torch.zeros(height, width)
+    target[:h, :w] = torch.from_numpy(current)
+    diff = torch.sub(shifted, target, out=torch.empty(n, n, height, width)).abs_()
+    diff[:, :, h:], diff[:, :, :, w:] = 0, 0  # cells past the frame's edge count nothing
+    columns = diff.view(n * n, height, bw, block)
+    sad = columns[..., 0].clone()
+    for i in range(1, block):
+        sad += columns[..., i]
+    sad = sad.view(n * n, bh, block, bw).sum(2)
+    shifts, grid_index, penalty = _search(radius)
+    best = shifts[(sad[grid_index] * penalty).argmin(0)]  # argmin: the first minimum, in search order
+    v = (best * cell).float().permute(2, 0, 1).repeat_interleave(block, 1).repeat_interleave(block, 2)
+    return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
 
 
 def _camera_free_magnitude(vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
@@ -323,7 +462,7 @@ def scan_video(
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     _check_geometry(size, patch_size, resize)
     path = os.fspath(path)
-    info = probe_video(path)
+    info = probe_video(path, timestamps=True)
     total = info.frame_count
     # Without bitstream motion vectors (HEVC, VP9, AV1...), motion comes from block matching on the luma.
     bitstream = info.exports_motion_vectors
@@ -337,59 +476,67 @@ def scan_video(
     needed_before = set((frame_ids[frame_ids > 0] - 1).tolist()) if own_maps else set()
     work = (size // patch_size) * WORK_PER_PATCH
 
-    frames = torch.empty(num_frames, 3, size, size)
     maps = {k: np.zeros((num_frames, work, work), np.float32) for k in ("own", "res", "since", "change")}
     bar = _progress(total, path) if progress else None
-    wmap = geometry = None
+    wmap = squares = None
     motion_source = ("bitstream" if bitstream else "block-matching") if motion else "none"
     accumulated = previous_luma = sampled_luma = None
     last_anchor = 0  # display number of the last I/P frame: the usual reference of the frames after it
     last_slot = -1
     decoded = 0
-    stream = decode_frames(path, export_motion_vectors=motion and bitstream)
-    for number, frame in enumerate(stream):
-        decoded = number + 1
+    needed = slots_of.keys() | needed_before
+    stream = decode_frames(path, export_motion_vectors=motion and bitstream, needed=needed.__contains__, info=info)
+    try:
+        for number, frame in stream:
+            if bar is not None:
+                bar.update(number + 1 - decoded)
+            decoded = number + 1
+            if number > frame_ids[-1]:
+                break  # everything sampled: stop decoding
+            if wmap is None:
+                wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
+                cell = wmap.cell
+                accumulated = _BlockCanvas(frame.height, frame.width, cell)
+                squares = _SquareFrames(wmap, num_frames)
+            is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
+            luma = luma_cells(frame, cell, wmap.gray) if motion and number in needed else None
+            vectors = motion_vectors(frame) if motion and bitstream else None
+            # Motion since the previous sample: each I/P frame is predicted from the I/P frame before it, so
+            # their vectors chain over the interval once; B-frames (which point back to the same I/P frame,
+            # and may not even be decoded) add nothing but the sample's own vectors.
+            if vectors is not None and since_maps and (is_anchor or is_sampled):
+                _add_camera_free(accumulated, vectors)
+            if is_sampled:
+                slots = slots_of[number]
+                squares.put(frame, slots)
+                first = slots[0]
+                if own_maps and number > 0:
+                    own, own_v = _own_motion(bitstream, vectors, luma, previous_luma, number - last_anchor, cell)
+                    if own is not None:
+                        maps["own"][first] = wmap(own) * wmap.scale
+                        maps["res"][first] = wmap(np.abs(luma - _warp_cells(previous_luma, *own_v, cell)))
+                if since_maps and number > 0 and sampled_luma is not None:
+                    if bitstream:
+                        motion_since = accumulated.read()
+                    else:  # no bitstream motion: match against the previous sampled frame
+                        motion_since = _camera_free_magnitude(*block_motion(sampled_luma, luma, cell=cell))
+                    maps["since"][first] = wmap(motion_since) * wmap.scale
+                    maps["change"][first] = wmap(np.abs(luma - sampled_luma))
+                accumulated.clear()
+                sampled_luma, last_slot = luma, slots[-1]
+            if is_anchor:  # the reference of the frames that follow
+                last_anchor = number
+            previous_luma = luma
+        if last_slot < 0:
+            raise VideoDecodeError(path, "no frame could be decoded")
+        frames, geometry = squares.finish(last_slot), wmap.plan.geometry
+    finally:
+        stream.close()
+        if squares is not None:
+            squares.close()
         if bar is not None:
-            bar.update(1)
-        if number > frame_ids[-1]:
-            stream.close()  # everything sampled: stop decoding
-            break
-        if wmap is None:
-            wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
-            cell = wmap.cell
-            accumulated = np.zeros(_cell_shape(frame.height, frame.width, cell), np.float32)
-        is_sampled, wants_luma = number in slots_of, motion and (number in slots_of or number in needed_before)
-        luma = luma_cells(frame, cell, wmap.gray) if wants_luma else None
-        vectors = motion_vectors(frame) if motion and bitstream else None
-        if vectors is not None and since_maps:
-            accumulated += camera_free_motion(vectors, accumulated.shape, cell)
-        if is_sampled:
-            pixels, geometry = wmap.square(frame)
-            slots = slots_of[number]
-            frames[slots] = pixels
-            first = slots[0]
-            if own_maps and number > 0:
-                own, own_v = _own_motion(bitstream, vectors, luma, previous_luma, number - last_anchor, cell)
-                if own is not None:
-                    maps["own"][first] = wmap(own) * wmap.scale
-                    maps["res"][first] = wmap(np.abs(luma - _warp_cells(previous_luma, *own_v, cell)))
-            if since_maps and number > 0 and sampled_luma is not None:
-                if not bitstream:  # no bitstream motion: match against the previous sampled frame
-                    accumulated = _camera_free_magnitude(*block_motion(sampled_luma, luma, cell=cell))
-                maps["since"][first] = wmap(accumulated) * wmap.scale
-                maps["change"][first] = wmap(np.abs(luma - sampled_luma))
-            accumulated[:] = 0
-            sampled_luma, last_slot = luma, slots[-1]
-        if frame.pict_type in (1, 2):  # I or P: the reference of the frames that follow
-            last_anchor = number
-        previous_luma = luma
-    if bar is not None:
-        bar.close()
-    if last_slot < 0:
-        raise VideoDecodeError(path, "no frame could be decoded")
-    for slot in range(last_slot + 1, num_frames):  # stream ended before its announced frame count
-        frames[slot] = frames[last_slot]
-        frame_ids[slot] = decoded - 1
+            bar.close()
+    frame_ids[last_slot + 1 :] = decoded - 1  # stream ended before its announced frame count
     return VideoScan(
         path=path,
         frame_ids=frame_ids,
@@ -595,13 +742,15 @@ def _pack(scan: VideoScan, kept: torch.Tensor, **extra) -> CodecClip:
     t, rows, cols = kept.shape
     frame, row, col = kept.nonzero(as_tuple=True)  # raster order of (t, row, col) = the required order
     p = scan.patch_size
-    # one gather of the kept patches straight from the frames ([K, 3, p, p], the layout `patchify` gives),
-    # then normalise only those: a fraction of the clip
-    kept_patches = scan.frames.view(t, 3, rows, p, cols, p)[frame, :, row, :, col, :]
     index = (frame * rows + row) * cols + col
+    if len(index) == kept.numel():
+        kept_patches = patchify(scan.frames, p).flatten(0, 1)
+    else:  # one gather of the kept patches straight from the frames (NumPy's is several times torch's here)
+        by_patch = scan.frames.numpy().reshape(t, 3, rows, p, cols, p).transpose(0, 2, 4, 1, 3, 5)
+        kept_patches = torch.from_numpy(by_patch[frame.numpy(), row.numpy(), col.numpy()].reshape(len(index), -1))
     positions = grid_positions(slots, rows, cols)
     return CodecClip(
-        pixel_values=normalize(kept_patches).flatten(1),
+        pixel_values=normalize(kept_patches.view(-1, 3, p, p)).flatten(1),  # only the kept patches
         patch_positions=positions[index],
         frame_ids=torch.from_numpy(scan.frame_ids.copy()),
         path=scan.path,

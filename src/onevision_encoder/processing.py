@@ -154,15 +154,21 @@ class SquarePlan:
             return np.asarray(image.resize((self.size, self.size), Image.BICUBIC, box=box))
         return np.asarray(image.resize((self.resized_width, self.resized_height), Image.BICUBIC))
 
-    def to_square(self, pictures: torch.Tensor) -> torch.Tensor:
-        """Resampled pictures as floats `[T, 3, h, w]` -> squares `[T, 3, size, size]`; letterbox padding in
-        the CLIP mean colour, which normalises to exactly zero."""
-        if self.mode == "crop":
-            return pictures
-        size, top, left = self.size, self.top, self.left
-        square = torch.tensor(CLIP_MEAN, dtype=pictures.dtype).view(1, 3, 1, 1).repeat(pictures.shape[0], 1, size, size)
-        square[:, :, top : top + self.resized_height, left : left + self.resized_width] = pictures
-        return square
+    def to_square(self, pictures: np.ndarray) -> torch.Tensor:
+        """Resampled pictures, uint8 `[T, h, w, 3]` (`resample`'s) -> float squares `[T, 3, size, size]`."""
+        squares = torch.empty(len(pictures), 3, self.size, self.size)
+        for picture, square in zip(pictures, squares.numpy()):
+            self.place(picture, square)
+        return squares
+
+    def place(self, picture: np.ndarray, square: np.ndarray) -> None:
+        """Write one resampled picture (uint8 `[h, w, 3]`) into a float32 square `[3, size, size]` as 0..1;
+        letterbox padding in the CLIP mean colour, which normalises to exactly zero. NumPy, so that worker
+        threads can do it without the GIL."""
+        if self.mode == "letterbox":
+            square[:] = np.array(CLIP_MEAN, np.float32)[:, None, None]
+            square = square[:, self.top : self.top + self.resized_height, self.left : self.left + self.resized_width]
+        np.divide(picture.transpose(2, 0, 1), np.float32(255), out=square, dtype=np.float32)
 
 
 def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[torch.Tensor, FrameGeometry]:
@@ -178,15 +184,14 @@ def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[t
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
     plan = SquarePlan.for_picture(frames.shape[1], frames.shape[2], size, mode)
-    pictures = torch.from_numpy(np.stack([plan.resample(f) for f in frames])).permute(0, 3, 1, 2).float().div_(255)
-    return plan.to_square(pictures), plan.geometry
+    return plan.to_square(np.stack([plan.resample(f) for f in frames])), plan.geometry
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """CLIP-normalise `[..., 3, H, W]` floats in [0, 1]."""
     mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    return (pixels - mean) / std
+    return (pixels - mean).div_(std)  # one new tensor, not two: allocating them cost more than the math
 
 
 def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:

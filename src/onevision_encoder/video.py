@@ -7,8 +7,8 @@ Every decoded frame is numbered 0, 1, 2, ... in presentation order (the order th
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -54,34 +54,44 @@ MOTION_VECTOR_CODECS = frozenset(
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What the container says about its first video stream."""
+    """What the container says about its first video stream. presentation_numbers: {pts: frame number} of
+    its packets, when `probe_video` was asked to read them and they are usable (see `decode_frames`)."""
 
     frame_count: int
     codec: str
     width: int
     height: int
+    presentation_numbers: dict[int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def exports_motion_vectors(self) -> bool:
         return self.codec in MOTION_VECTOR_CODECS
 
 
-def probe_video(path: str | os.PathLike) -> VideoInfo:
+def probe_video(path: str | os.PathLike, timestamps: bool = False) -> VideoInfo:
     """Frame count, codec and size of the first video stream of `path`.
 
     The frame count is the container's when it has one (MP4/MOV store it in their index); otherwise
     (Matroska, WebM, raw streams) the video packets are counted by demuxing without decoding, which
-    reads the file once but costs little next to decoding. Raises VideoDecodeError if there are none.
+    reads the file once but costs little next to decoding. timestamps: also demux to number the packets
+    by presentation time (`VideoInfo.presentation_numbers`). Raises VideoDecodeError if there are no frames.
     """
     container, stream = _open(path)
     with container:
-        count = stream.frames
-        if count <= 0:
+        count, numbers = stream.frames, None
+        if count <= 0 or timestamps:
             try:
-                count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+                pts = [packet.pts for packet in container.demux(stream) if packet.size > 0]
             except av.error.FFmpegError as exc:
-                raise VideoDecodeError(path, f"cannot read packets ({exc})") from None
-        info = VideoInfo(count, stream.codec_context.name, stream.codec_context.width, stream.codec_context.height)
+                if count <= 0:
+                    raise VideoDecodeError(path, f"cannot read packets ({exc})") from None
+                pts = [None]  # unreadable past some point: number frames by decoding them
+            count = count if count > 0 else len(pts)
+            # timestamps must exist and differ to number frames without decoding them
+            if timestamps and None not in pts and len(set(pts)) == len(pts):
+                numbers = {timestamp: number for number, timestamp in enumerate(sorted(pts))}
+        context = stream.codec_context
+        info = VideoInfo(count, context.name, context.width, context.height, numbers)
     if count <= 0:
         raise VideoDecodeError(path, "video stream has no frames")
     return info
@@ -99,23 +109,47 @@ def sample_indices(total_frames: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total_frames - 1, num_frames).astype(np.int64)
 
 
-def decode_frames(path: str | os.PathLike, export_motion_vectors: bool = False) -> Iterator[av.VideoFrame]:
-    """Yield the decoded frames of the first video stream in presentation order, in one streaming pass.
+def decode_frames(
+    path: str | os.PathLike,
+    export_motion_vectors: bool = False,
+    needed: Callable[[int], bool] | None = None,
+    info: VideoInfo | None = None,
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Yield `(number, frame)` for the decoded frames of the first video stream, in presentation order, in
+    one streaming pass; `number` counts frames from 0 in that order.
 
     export_motion_vectors: ask the decoder to attach motion vectors (H.264, MPEG-2/4, H.263 export them;
-    HEVC, VP9 and AV1 decoders do not). Decoder errors become VideoDecodeError; a stream that breaks off
-    part-way (truncated file) just ends early, as FFmpeg conceals what it can.
+    HEVC, VP9 and AV1 decoders do not).
+    needed: says, by frame number, which frames the caller wants. The others are not decoded when no other
+    frame is predicted from them (non-reference frames: most B-frames), which saves their decoding time, and
+    do not appear in the output; reference frames still come out. Numbers then come from the packets'
+    presentation timestamps, read by a demuxing pass that costs little next to decoding; a stream whose
+    timestamps are missing or repeated is decoded whole and counted instead. info: `probe_video(path,
+    timestamps=True)` if the caller has it already (saves opening the file once more).
+    Decoder errors become VideoDecodeError; a stream that breaks off part-way (truncated file) just ends
+    early, as FFmpeg conceals what it can.
     """
+    numbering = (info or probe_video(path, timestamps=True)).presentation_numbers if needed is not None else None
     container, stream = _open(path)
     with container:
+        context = stream.codec_context
         if export_motion_vectors:
-            stream.codec_context.options = {"flags2": "+export_mvs"}
+            context.options = {"flags2": "+export_mvs"}
         stream.thread_type = DECODE_THREADING
-        produced = 0
+        produced, skipping = 0, False
         try:
-            for frame in container.decode(stream):
-                produced += 1
-                yield frame
+            for packet in container.demux(stream):
+                if numbering is not None and packet.pts is not None:
+                    number = numbering.get(packet.pts)
+                    if skipping != (number is not None and not needed(number)):
+                        skipping = not skipping  # set only on change: the setter costs as much as a small decode
+                        context.skip_frame = "NONREF" if skipping else "DEFAULT"
+                for frame in packet.decode():  # the final empty packet flushes the decoder's delayed frames
+                    number = produced if numbering is None else numbering.get(frame.pts)
+                    if number is None:
+                        raise VideoDecodeError(path, f"decoded a frame with an unknown timestamp {frame.pts}")
+                    produced += 1
+                    yield number, frame
         except av.error.FFmpegError as exc:
             if produced == 0:
                 raise VideoDecodeError(path, f"cannot decode video ({exc})") from None

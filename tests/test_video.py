@@ -1,0 +1,50 @@
+"""Streaming decoding: frame numbers, and skipping the frames nobody needs."""
+
+import numpy as np
+import pytest
+
+from onevision_encoder.synthetic import write_video
+from onevision_encoder.video import VideoDecodeError, decode_frames, probe_video
+
+W, H = 192, 144
+
+
+@pytest.fixture(scope="module", params=[("h264", "mp4"), ("hevc", "mkv"), ("mpeg4", "avi")])
+def b_frame_video(request, tmp_path_factory):
+    """A stream with B-frames, most of which no other frame is predicted from."""
+    codec, ext = request.param
+    opts = {"bf": 3} if codec != "hevc" else {"x265-params": "bframes=3:log-level=none"}
+    return write_video(tmp_path_factory.mktemp("v") / f"b.{ext}", codec=codec, num_frames=48, width=W, height=H, **opts)
+
+
+def _all_frames(path):
+    return {number: frame.to_ndarray(format="gray") for number, frame in decode_frames(path)}
+
+
+def test_skipping_unneeded_frames_keeps_numbers_and_pixels(b_frame_video):
+    path = b_frame_video["path"]
+    everything = _all_frames(path)
+    assert sorted(everything) == list(range(48))
+    wanted = {0, 5, 6, 17, 30, 46, 47}
+    decoded = {number: frame.to_ndarray(format="gray") for number, frame in decode_frames(path, needed=wanted.__contains__)}
+    assert wanted <= decoded.keys()
+    assert len(decoded) < 40  # non-reference B-frames nobody asked for were not decoded
+    assert list(decoded) == sorted(decoded)  # still in presentation order
+    for number, pixels in decoded.items():  # same numbering as decoding everything, same pictures
+        np.testing.assert_array_equal(pixels, everything[number])
+
+
+def test_probe_reads_presentation_numbers_only_when_asked(b_frame_video):
+    path = b_frame_video["path"]
+    assert probe_video(path).presentation_numbers is None
+    numbers = probe_video(path, timestamps=True).presentation_numbers
+    assert sorted(numbers.values()) == list(range(48))
+    assert list(numbers) == sorted(numbers)  # numbered by presentation time, not by decoding order
+
+
+def test_unreadable_file_is_one_error_with_or_without_skipping(tmp_path):
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    for needed in (None, {0}.__contains__):
+        with pytest.raises(VideoDecodeError, match="noise.mp4"):
+            list(decode_frames(noise, needed=needed))
