@@ -167,6 +167,21 @@ def test_letterbox_never_chooses_padding_after_frame_0(videos):
     # 192x144 letterboxed into 224: 168 rows of picture, centred, so the top and bottom patch rows are padding.
     assert not rows_with_picture[0] and not rows_with_picture[-1]
     assert clip.kept[0].all()
+    # frame 0's padding patches (28 rows above the picture: patch rows 0 and 1) hold the CLIP mean colour,
+    # which normalises to exactly zero; every patch of the picture has some non-zero pixel
+    first = clip.patch_positions[:, 0].eq(0)
+    padding = first & (clip.patch_positions[:, 1] < 2)
+    picture = first & (clip.patch_positions[:, 1] == 2)
+    assert padding.sum() == 2 * ROWS and clip.pixel_values[padding].abs().max() == 0
+    assert clip.pixel_values[picture].abs().amax(dim=1).min() > 0
+
+
+def test_selection_under_inference_mode_equals_the_plain_one(videos):
+    path = videos["h264"]["path"]
+    with torch.inference_mode():
+        inside = select_patches(path, budget=1024)
+    outside = select_patches(path, budget=1024)
+    assert torch.equal(inside.pixel_values, outside.pixel_values) and torch.equal(inside.kept, outside.kept)
 
 
 def test_sample_frames_matches_the_dense_video_preprocessing(videos):
@@ -377,14 +392,43 @@ def test_block_motion_finds_a_known_shift_and_reads_flat_areas_as_still():
 
 
 def test_skipping_undecoded_b_frames_changes_no_selection(tmp_path, monkeypatch):
-    from onevision_encoder import codec
+    from onevision_encoder.video import VideoFile
 
     path = write_video(tmp_path / "b.mp4", num_frames=90, width=W, height=H, bf=3)["path"]
     skipped = scan_video(path)
-    decode_all = codec.decode_frames
-    monkeypatch.setattr(codec, "decode_frames", lambda *args, needed=None, **kw: decode_all(*args, **kw))
+    frames = VideoFile.frames
+    decoded = []
+
+    def decode_all(self, export_motion_vectors=False, needed=None, numbering=None):  # count, skip nothing
+        for number, frame in frames(self, export_motion_vectors):
+            decoded.append(number)
+            yield number, frame
+
+    monkeypatch.setattr(VideoFile, "frames", decode_all)
     whole = scan_video(path)
+    assert decoded == list(range(90))
     assert torch.equal(skipped.frames, whole.frames)
     for name in ("own_motion", "residual", "motion_since", "change_since"):
         np.testing.assert_array_equal(getattr(skipped, name), getattr(whole, name))
     assert np.abs(whole.motion_since).sum() > 0
+
+
+def test_motion_on_16_pixel_cells_is_the_mean_of_the_4_pixel_cells(tmp_path):
+    """Large frames fill motion blocks on 8- or 16-pixel squares (sub-blocks weighted by their share of a
+    square) instead of the 4-pixel grid: the result must be the area mean of the 4-pixel cells."""
+    meta = write_video(tmp_path / "pan.mp4", scene="pan", num_frames=24, width=W, height=H, bf=2)
+    with av.open(meta["path"]) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        vectors = [motion_vectors(frame) for frame in container.decode(stream)]
+    fine, coarse = (H // 4, W // 4), (H // 16, W // 16)  # W and H are multiples of 16
+
+    def pooled(cells):
+        return cells.reshape(coarse[0], 4, coarse[1], 4).mean(axis=(1, 3))
+
+    small_blocks = 0
+    for mvs in vectors:
+        np.testing.assert_allclose(camera_free_motion(mvs, coarse, 16), pooled(camera_free_motion(mvs, fine, 4)), atol=1e-4)
+        np.testing.assert_allclose(motion_cells(mvs, coarse, 16)[0], pooled(motion_cells(mvs, fine, 4)[0]), atol=1e-4)
+        small_blocks += mvs is not None and bool((mvs["w"] < 16).any())
+    assert small_blocks > 5  # sub-macroblock partitions were there to weigh

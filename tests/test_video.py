@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onevision_encoder.synthetic import write_video
-from onevision_encoder.video import VideoDecodeError, decode_frames, probe_video
+from onevision_encoder.video import VideoDecodeError, VideoFile, decode_frames, probe_video
 
 W, H = 192, 144
 
@@ -48,3 +48,32 @@ def test_unreadable_file_is_one_error_with_or_without_skipping(tmp_path):
     for needed in (None, {0}.__contains__):
         with pytest.raises(VideoDecodeError, match="noise.mp4"):
             list(decode_frames(noise, needed=needed))
+
+
+def test_raw_stream_without_timestamps_is_decoded_whole_and_counted(tmp_path):
+    path = write_video(tmp_path / "raw.h264", num_frames=30, width=W, height=H, bf=2)["path"]
+    info = probe_video(path, timestamps=True)
+    assert info.frame_count == 30 and info.presentation_numbers is None  # no pts: nothing can be skipped
+    numbers = [number for number, _ in decode_frames(path, needed={0, 5}.__contains__)]
+    assert numbers == list(range(30))
+
+
+def test_a_container_that_cannot_seek_back_is_opened_again(b_frame_video, monkeypatch):
+    import av
+
+    path = b_frame_video["path"]
+    expected = _all_frames(path)
+
+    refused = []
+
+    def refuse(self, *args, **kwargs):
+        refused.append(args)
+        raise av.error.PermissionError(1, "seeking refused by the test")
+
+    monkeypatch.setattr(av.container.InputContainer, "seek", refuse)
+    with VideoFile(path) as video:
+        numbering = video.info(timestamps=True).presentation_numbers  # reads every packet
+        got = {n: f.to_ndarray(format="gray") for n, f in video.frames(needed={3, 40}.__contains__, numbering=numbering)}
+    assert refused and {3, 40} <= got.keys()
+    for number, pixels in got.items():
+        np.testing.assert_array_equal(pixels, expected[number])

@@ -40,13 +40,13 @@ from .processing import (
     PatchClip,
     collate_patch_lists,
     grid_positions,
+    FrameGeometry,
     normalize,
-    patchify,
     RESIZE_MODES,
     SquarePlan,
     temporal_slots,
 )
-from .video import VideoDecodeError, decode_frames, motion_vectors, probe_video, quarter_turns, sample_indices
+from .video import VideoDecodeError, VideoFile, motion_vectors, quarter_turns, sample_indices
 
 __all__ = [
     "POLICIES",
@@ -129,11 +129,11 @@ class _WorkMap:
         cell = _cell_size(plan, work)
         return cls(turns, plan, cell, *_work_index(plan, work, cell))
 
-    def picture(self, frame, rgb: VideoReformatter) -> np.ndarray:
+    def picture(self, frame, rgb: VideoReformatter) -> torch.Tensor:
         """The decoded frame upright and resampled for the model's square (`SquarePlan.resample`, uint8), the
         same pixels `resize_frames` gives. Converting to RGB at full resolution first matters: letting FFmpeg
         scale and convert 4:2:0 in one step measured 3-9 dB further from the true frames on 640x360 and
-        1280x720. No torch here: this runs in worker threads (`_SquareFrames`)."""
+        1280x720."""
         pixels = rgb.reformat(frame, format="rgb24").to_ndarray()
         if self.turns:
             pixels = np.ascontiguousarray(np.rot90(pixels, self.turns))
@@ -155,8 +155,15 @@ class _SquareFrames:
 
     def __init__(self, wmap: _WorkMap, num_frames: int, workers: int | None = None, ahead: int = 8):
         self.wmap, self.ahead = wmap, ahead
-        self.frames = torch.empty(num_frames, 3, wmap.plan.size, wmap.plan.size)
-        self.pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1))
+        # uint8 until needed as floats: a quarter of the memory, and fresh float pages cost a page fault
+        # each (about 20 ms for 64 frames of 224 px on the 2-core benchmark machine)
+        # A normal tensor even under the caller's inference_mode, which worker threads do not inherit: they
+        # could not write into an inference tensor.
+        with torch.inference_mode(False):
+            self.pictures = torch.empty(num_frames, 3, wmap.plan.size, wmap.plan.size, dtype=torch.uint8)
+        # torch's intra-op threads are per calling thread: one each, or the workers oversubscribe the cores
+        self.pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1), initializer=torch.set_num_threads,
+                                       initargs=(1,))
         self.local = threading.local()  # one FFmpeg scaler per thread: they are not thread-safe
         self.pending: deque = deque()
 
@@ -167,11 +174,11 @@ class _SquareFrames:
 
     def finish(self, last_slot: int) -> torch.Tensor:
         """Wait for every frame; slots after `last_slot` (a stream that ended early) repeat it. Returns the
-        squares `[T, 3, size, size]` in 0..1."""
+        uint8 squares `[T, 3, size, size]`."""
         while self.pending:
             self._finish_oldest()
-        self.frames[last_slot + 1 :] = self.frames[last_slot]
-        return self.frames
+        self.pictures[last_slot + 1 :] = self.pictures[last_slot]
+        return self.pictures
 
     def close(self) -> None:
         """Stop the workers, dropping frames not started (after an error)."""
@@ -180,13 +187,13 @@ class _SquareFrames:
     def _square(self, frame, slot: int) -> None:
         if not hasattr(self.local, "rgb"):
             self.local.rgb = VideoReformatter()
-        self.wmap.plan.place(self.wmap.picture(frame, self.local.rgb), self.frames[slot].numpy())
+        self.wmap.plan.place(self.wmap.picture(frame, self.local.rgb), self.pictures[slot])
 
     def _finish_oldest(self) -> None:
         slots, job = self.pending.popleft()
         job.result()
         for slot in slots[1:]:  # a frame sampled for several slots
-            self.frames[slot] = self.frames[slots[0]]
+            self.pictures[slot] = self.pictures[slots[0]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,17 +212,23 @@ def luma_cells(frame, cell: int = CELL, reformatter: VideoReformatter | None = N
 
 @dataclass
 class _L0Blocks:
-    """A frame's past-referencing (L0) blocks as rectangles on the 4-pixel grid (the motion-block grid):
-    motion [n] as vx + i*vy in decoded pixels (sub-pel units divided out by motion_scale), area [n] in grid
-    squares inside the frame, corners [4, n] flat indices (r0,c0), (r0,c1), (r1,c0), (r1,c1) into a
-    (rows+1) x (cols+1) difference array, so that filling every rectangle is one bincount and two cumsums."""
+    """A frame's past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares: motion [n] as
+    vx + i*vy in decoded pixels (sub-pel units divided out by motion_scale); fraction [n] of a square that a
+    block smaller than one covers (1 otherwise); area [n] in squares inside the frame (times the fraction);
+    corners [4, n] flat indices (r0,c0), (r0,c1), (r1,c0), (r1,c1) into a (rows+1) x (cols+1) difference
+    array, so that filling every rectangle is one bincount and two cumsums.
+
+    The unit is a power of two from 4 to 16: codec blocks are powers of two from 4 to 16 pixels a side,
+    aligned to their size inside 16x16 macroblocks, so a block either spans whole squares or lies inside
+    one, and weighting the small ones by their fraction gives each square its exact area-weighted mean."""
 
     motion: np.ndarray
+    fraction: np.ndarray
     area: np.ndarray
     corners: np.ndarray
 
     @classmethod
-    def of(cls, mvs: np.ndarray | None, grid: tuple[int, int]) -> "_L0Blocks | None":
+    def of(cls, mvs: np.ndarray | None, grid: tuple[int, int], unit: int = MV_GRID) -> "_L0Blocks | None":
         if mvs is None or len(mvs) == 0:
             return None
         rows, cols = grid
@@ -223,18 +236,19 @@ class _L0Blocks:
         # cost more than everything else here together (this runs for every I/P frame).
         w, h = mvs["w"].astype(np.int32), mvs["h"].astype(np.int32)
         x0, y0 = mvs["dst_x"] - (w >> 1), mvs["dst_y"] - (h >> 1)
-        shift = MV_GRID.bit_length() - 1  # >> shift: floor division by the 4-pixel grid
-        c0, c1 = np.maximum(x0 >> shift, 0), np.minimum((x0 + w + MV_GRID - 1) >> shift, cols)
-        r0, r1 = np.maximum(y0 >> shift, 0), np.minimum((y0 + h + MV_GRID - 1) >> shift, rows)
+        shift = unit.bit_length() - 1  # >> shift: floor division by the unit
+        c0, c1 = np.maximum(x0 >> shift, 0), np.minimum((x0 + w + unit - 1) >> shift, cols)
+        r0, r1 = np.maximum(y0 >> shift, 0), np.minimum((y0 + h + unit - 1) >> shift, rows)
         keep = np.flatnonzero((mvs["source"] < 0) & (c1 > c0) & (r1 > r0))
         if len(keep) == 0:
             return None
         c0, c1, r0, r1 = c0[keep], c1[keep], r0[keep], r1[keep]
+        fraction = (np.minimum(w[keep], unit) * np.minimum(h[keep], unit) / unit**2).astype(np.float32)
         scale = np.maximum(mvs["motion_scale"][keep], 1).astype(np.float32)
         motion = ((mvs["motion_x"][keep] + 1j * mvs["motion_y"][keep]) / scale).astype(np.complex64)
         stride = cols + 1
         corners = np.stack([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
-        return cls(motion, ((r1 - r0) * (c1 - c0)).astype(np.float32), corners)
+        return cls(motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners)
 
     def camera_free(self, grid: tuple[int, int]) -> tuple[float, np.ndarray]:
         """|v - median(v)| of the blocks, the per-component medians weighted by the area each block covers,
@@ -255,7 +269,9 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 
 
 class _BlockCanvas:
-    """Sums of block rectangles on a frame's 4-pixel grid, read out as means over `cell`-pixel cells.
+    """Sums of block rectangles on a grid of `unit`-pixel squares (`_L0Blocks`), read out as means over
+    `cell`-pixel cells. The unit is the largest power of two up to 16 that divides the cell: 4 pixels on
+    small frames, 16 on 1080p, where a 4-pixel grid made the read-outs cost more than the blocks.
 
     Filling goes through a difference array: each block adds its value at two corners and subtracts it at
     the other two, and two cumulative sums give every grid square the sum of the blocks covering it. The
@@ -263,9 +279,10 @@ class _BlockCanvas:
     vector operations over the frame's blocks."""
 
     def __init__(self, height: int, width: int, cell: int = CELL):
-        self.grid = _cell_shape(height, width, MV_GRID)
+        self.unit = min(16, cell & -cell)  # cells are multiples of 4, so this is 4, 8 or 16
+        self.grid = _cell_shape(height, width, self.unit)
         self.cells = _cell_shape(height, width, cell)
-        self.k = cell // MV_GRID  # grid squares per cell side
+        self.k = cell // self.unit  # grid squares per cell side
         inside = np.zeros((self.cells[0] * self.k, self.cells[1] * self.k), np.float32)
         inside[: self.grid[0], : self.grid[1]] = 1
         self.squares_per_cell = self._pool(inside)
@@ -275,10 +292,15 @@ class _BlockCanvas:
         self.base = 0.0
         self.corners, self.weights = [], []
 
-    def add(self, corners: np.ndarray, values: np.ndarray, base: float = 0.0) -> None:
-        """Add `values` [n] over the blocks' rectangles and `base` everywhere."""
+    def blocks(self, mvs: np.ndarray | None) -> _L0Blocks | None:
+        return _L0Blocks.of(mvs, self.grid, self.unit)
+
+    def add(self, blocks: _L0Blocks, values: np.ndarray, base: float = 0.0) -> None:
+        """Add `values` [n] over the blocks' rectangles (each weighted by its fraction of a square) and
+        `base` everywhere."""
         self.base += base
-        self.corners.append(corners.ravel())
+        self.corners.append(blocks.corners.ravel())
+        values = values * blocks.fraction
         self.weights.append(np.concatenate([values, -values, -values, values]))
 
     def read(self) -> np.ndarray:
@@ -308,10 +330,10 @@ def motion_cells(
     Sub-pel units divided out by motion_scale. cell_shape is that of a frame `cell * cell_shape` pixels."""
     canvas_x = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
     canvas_y = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
-    blocks = _L0Blocks.of(mvs, canvas_x.grid)
+    blocks = canvas_x.blocks(mvs)
     if blocks is not None:
-        canvas_x.add(blocks.corners, blocks.motion.real.copy())
-        canvas_y.add(blocks.corners, blocks.motion.imag.copy())
+        canvas_x.add(blocks, blocks.motion.real)
+        canvas_y.add(blocks, blocks.motion.imag)
     return canvas_x.read(), canvas_y.read()
 
 
@@ -327,10 +349,10 @@ def camera_free_motion(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell
 def _add_camera_free(canvas: _BlockCanvas, mvs: np.ndarray | None) -> None:
     """Add one frame's camera-free motion magnitude to `canvas` (nothing for a frame without L0 blocks).
     This runs on every decoded frame with motion vectors: the hot path of the selection."""
-    blocks = _L0Blocks.of(mvs, canvas.grid)
+    blocks = canvas.blocks(mvs)
     if blocks is not None:
         base, values = blocks.camera_free(canvas.grid)
-        canvas.add(blocks.corners, values, base)
+        canvas.add(blocks, values, base)
 
 
 @lru_cache(maxsize=4)
@@ -399,8 +421,9 @@ def _warp_cells(cells: np.ndarray, vx: np.ndarray, vy: np.ndarray, cell: int = C
 class VideoScan:
     """What one decoding pass learnt about the sampled frames (maps on the square working grid).
 
-    frames: `[T, 3, size, size]` floats in 0..1 (resized like `resize_frames`); valid: `[rows, cols]` patches
-    that show picture; own_motion / residual: the sampled frame's own camera-free motion (model pixels)
+    pictures: `[T, 3, size, size]` uint8 (resized like `resize_frames`; `frames` gives them as floats in
+    0..1); geometry: where the picture lies on them; valid: `[rows, cols]` patches that show picture;
+    own_motion / residual: the sampled frame's own camera-free motion (model pixels)
     and motion-compensated residual (luma 0..255) (policy "reference"); motion_since / change_since: motion
     accumulated over the decoded frames since the previous sampled frame and the luma change since it
     (policy "balanced"). Maps are `[T, work, work]`, zero for slot 0.
@@ -408,7 +431,8 @@ class VideoScan:
 
     path: str
     frame_ids: np.ndarray
-    frames: torch.Tensor
+    pictures: torch.Tensor
+    geometry: FrameGeometry
     valid: torch.Tensor
     patch_size: int
     motion_source: str  # "bitstream" (codec motion vectors), "block-matching" or "none"
@@ -418,6 +442,11 @@ class VideoScan:
     motion_since: np.ndarray | None = None
     change_since: np.ndarray | None = None
     work_valid: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def frames(self) -> torch.Tensor:
+        """The sampled frames as floats `[T, 3, size, size]` in 0..1 (letterbox padding in the CLIP mean)."""
+        return self.geometry.to_float(self.pictures)
 
 
 def _check_geometry(size: int, patch_size: int, resize: str) -> None:
@@ -454,15 +483,20 @@ def scan_video(
     """Decode `path` once, keep the `num_frames` sampled frames resized, and measure motion and change.
 
     Memory stays at the sampled frames plus a few cell maps, whatever the video's length. The frame count
-    N comes from `probe_video`; if decoding yields fewer frames than announced, the slots past the end
+    N comes from the container (`VideoFile.info`); if decoding yields fewer frames than announced, the slots past the end
     repeat the last decoded frame (with no motion). motion=False only samples frames (`sample_frames`).
     policy: measure only what that policy scores (None: both, e.g. to compare them on one scan).
     """
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     _check_geometry(size, patch_size, resize)
-    path = os.fspath(path)
-    info = probe_video(path, timestamps=True)
+    with VideoFile(path) as video:
+        return _scan(video, num_frames, size, patch_size, resize, motion, progress, policy)
+
+
+def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy) -> VideoScan:
+    path = video.path
+    info = video.info(timestamps=True)
     total = info.frame_count
     # Without bitstream motion vectors (HEVC, VP9, AV1...), motion comes from block matching on the luma.
     bitstream = info.exports_motion_vectors
@@ -485,7 +519,7 @@ def scan_video(
     last_slot = -1
     decoded = 0
     needed = slots_of.keys() | needed_before
-    stream = decode_frames(path, export_motion_vectors=motion and bitstream, needed=needed.__contains__, info=info)
+    stream = video.frames(motion and bitstream, needed.__contains__, info.presentation_numbers)
     try:
         for number, frame in stream:
             if bar is not None:
@@ -529,7 +563,7 @@ def scan_video(
             previous_luma = luma
         if last_slot < 0:
             raise VideoDecodeError(path, "no frame could be decoded")
-        frames, geometry = squares.finish(last_slot), wmap.plan.geometry
+        pictures, geometry = squares.finish(last_slot), wmap.plan.geometry
     finally:
         stream.close()
         if squares is not None:
@@ -540,7 +574,8 @@ def scan_video(
     return VideoScan(
         path=path,
         frame_ids=frame_ids,
-        frames=frames,
+        pictures=pictures,
+        geometry=geometry,
         valid=geometry.valid_patches(patch_size),
         patch_size=patch_size,
         motion_source=motion_source,
@@ -743,14 +778,15 @@ def _pack(scan: VideoScan, kept: torch.Tensor, **extra) -> CodecClip:
     frame, row, col = kept.nonzero(as_tuple=True)  # raster order of (t, row, col) = the required order
     p = scan.patch_size
     index = (frame * rows + row) * cols + col
-    if len(index) == kept.numel():
-        kept_patches = patchify(scan.frames, p).flatten(0, 1)
-    else:  # one gather of the kept patches straight from the frames (NumPy's is several times torch's here)
-        by_patch = scan.frames.numpy().reshape(t, 3, rows, p, cols, p).transpose(0, 2, 4, 1, 3, 5)
-        kept_patches = torch.from_numpy(by_patch[frame.numpy(), row.numpy(), col.numpy()].reshape(len(index), -1))
+    # one gather of the kept patches from the uint8 squares ([K, 3, p, p], the layout `patchify` gives; NumPy's
+    # gather measured several times faster than torch's here), then floats for those only
+    by_patch = scan.pictures.numpy().reshape(t, 3, rows, p, cols, p).transpose(0, 2, 4, 1, 3, 5)
+    kept_pictures = torch.from_numpy(by_patch[frame.numpy(), row.numpy(), col.numpy()])
+    inside = scan.geometry.picture_mask().view(rows, p, cols, p).transpose(1, 2)[row, col]  # [K, p, p]
+    kept_patches = scan.geometry.to_float(kept_pictures, inside)
     positions = grid_positions(slots, rows, cols)
     return CodecClip(
-        pixel_values=normalize(kept_patches.view(-1, 3, p, p)).flatten(1),  # only the kept patches
+        pixel_values=normalize(kept_patches).flatten(1),
         patch_positions=positions[index],
         frame_ids=torch.from_numpy(scan.frame_ids.copy()),
         path=scan.path,
