@@ -2,7 +2,9 @@
 
 One streaming decode pass (`scan_video`) samples `num_frames` frames at `linspace(0, N-1, num_frames)` and,
 while decoding, turns the bitstream's motion vectors and the decoded luma into per-pixel maps at a small
-working resolution (4x4 work pixels per patch). `patch_scores` turns the maps into per-patch scores with a
+working resolution (4x4 work pixels per patch). Frames nobody needs are not decoded when nothing is
+predicted from them (most B-frames), and worker threads resize the sampled frames while decoding goes on.
+`patch_scores` turns the maps into per-patch scores with a
 policy, `choose_patches` keeps frame 0 whole plus a global top-K, and `select_patches` packs the kept
 patches into the model's patch-list form (`CodecClip`).
 
@@ -12,12 +14,13 @@ Policies:
   per-frame P95, averaged. Stock FFmpeg exports no residuals: the stand-in is the motion-compensated
   residual `|Y_t - warp(Y_t-1, v / d)|` of the decoded luma, the previous decoded frame warped by the
   frame's vectors divided by the distance d to its previous I/P frame (the usual reference).
-- "balanced" (default): motion accumulated over every decoded frame since the previous sampled frame and
-  the luma change since that sampled frame, each scaled by one clip-level P95 (with floors) instead of
+- "balanced" (default): motion accumulated since the previous sampled frame (the camera-free L0 motion of
+  the I/P frames in between, each predicted from the one before, plus the sampled frame's own) and the luma
+  change since that sampled frame, each scaled by one clip-level P95 (with floors) instead of
   per-frame P95, so a nearly static frame stays low instead of being stretched to 1; key frames need no
   special case (their change is measured on pixels); a flat (static) video falls back to uniform whole frames.
-Codecs whose decoders export no motion vectors (HEVC, VP9, AV1, ...) get motion from block matching on the
-decoded luma at 4x4-cell resolution (see `block_motion`).
+Codecs whose decoders export no motion vectors (HEVC, VP9, AV1, ...) get motion from block matching between
+the sampled frames' luma cells (see `block_motion`).
 """
 
 from __future__ import annotations
@@ -145,20 +148,19 @@ class _WorkMap:
 
 
 class _SquareFrames:
-    """Puts the sampled frames on the model's square in worker threads while decoding goes on.
+    """Puts the sampled frames on the model's square in worker threads while decoding goes on (`pool` also
+    takes the block matching of codecs without motion vectors).
 
-    The RGB conversion, PIL's bicubic resize and the float conversion release the GIL and, on small videos,
-    cost as much as decoding every frame: done in turn with decoding they doubled the selection time. The
-    workers run no torch (its OpenMP pool per thread oversubscribed the cores: more workers ran slower).
-    At most `ahead` decoded frames wait, so memory stays bounded by the sampled frames at the working
-    resolution."""
+    The RGB conversion and the resize release the GIL and, on small videos, cost about as much as decoding
+    every frame: done in turn with decoding they added their whole time to the selection. Each worker runs
+    torch on one thread (torch's thread count is per calling thread; more oversubscribed the cores). At most
+    `ahead` decoded frames wait, so memory stays bounded by the sampled frames at the working resolution."""
 
     def __init__(self, wmap: _WorkMap, num_frames: int, workers: int | None = None, ahead: int = 8):
         self.wmap, self.ahead = wmap, ahead
         # uint8 until needed as floats: a quarter of the memory, and fresh float pages cost a page fault
-        # each (about 20 ms for 64 frames of 224 px on the 2-core benchmark machine)
-        # A normal tensor even under the caller's inference_mode, which worker threads do not inherit: they
-        # could not write into an inference tensor.
+        # each (about 20 ms for 64 frames of 224 px on the 2-core benchmark machine). A normal tensor even
+        # under the caller's inference_mode, which worker threads do not inherit (they could not write it).
         with torch.inference_mode(False):
             self.pictures = torch.empty(num_frames, 3, wmap.plan.size, wmap.plan.size, dtype=torch.uint8)
         # torch's intra-op threads are per calling thread: one each, or the workers oversubscribe the cores
@@ -425,7 +427,7 @@ class VideoScan:
     0..1); geometry: where the picture lies on them; valid: `[rows, cols]` patches that show picture;
     own_motion / residual: the sampled frame's own camera-free motion (model pixels)
     and motion-compensated residual (luma 0..255) (policy "reference"); motion_since / change_since: motion
-    accumulated over the decoded frames since the previous sampled frame and the luma change since it
+    accumulated since the previous sampled frame (I/P frames and the sample) and the luma change since it
     (policy "balanced"). Maps are `[T, work, work]`, zero for slot 0.
     """
 
@@ -519,6 +521,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
     last_slot = -1
     decoded = 0
     needed = slots_of.keys() | needed_before
+    matches = []  # (slot, block matching running in a worker)
     stream = video.frames(motion and bitstream, needed.__contains__, info.presentation_numbers)
     try:
         for number, frame in stream:
@@ -551,10 +554,9 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                         maps["res"][first] = wmap(np.abs(luma - _warp_cells(previous_luma, *own_v, cell)))
                 if since_maps and number > 0 and sampled_luma is not None:
                     if bitstream:
-                        motion_since = accumulated.read()
-                    else:  # no bitstream motion: match against the previous sampled frame
-                        motion_since = _camera_free_magnitude(*block_motion(sampled_luma, luma, cell=cell))
-                    maps["since"][first] = wmap(motion_since) * wmap.scale
+                        maps["since"][first] = wmap(accumulated.read()) * wmap.scale
+                    else:  # no bitstream motion: match against the previous sampled frame, in a worker
+                        matches.append((first, squares.pool.submit(block_motion, sampled_luma, luma, cell=cell)))
                     maps["change"][first] = wmap(np.abs(luma - sampled_luma))
                 accumulated.clear()
                 sampled_luma, last_slot = luma, slots[-1]
@@ -564,6 +566,8 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
         if last_slot < 0:
             raise VideoDecodeError(path, "no frame could be decoded")
         pictures, geometry = squares.finish(last_slot), wmap.plan.geometry
+        for first, match in matches:
+            maps["since"][first] = wmap(_camera_free_magnitude(*match.result())) * wmap.scale
     finally:
         stream.close()
         if squares is not None:
