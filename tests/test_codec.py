@@ -432,3 +432,15 @@ def test_motion_on_16_pixel_cells_is_the_mean_of_the_4_pixel_cells(tmp_path):
         np.testing.assert_allclose(motion_cells(mvs, coarse, 16)[0], pooled(motion_cells(mvs, fine, 4)[0]), atol=1e-4)
         small_blocks += mvs is not None and bool((mvs["w"] < 16).any())
     assert small_blocks > 5  # sub-macroblock partitions were there to weigh
+
+
+def test_motion_summed_on_its_own_thread_equals_summing_inline(videos, monkeypatch):
+    from onevision_encoder import codec
+
+    path = videos["pan"]["path"]
+    threaded = scan_video(path, policy="balanced")
+    make = codec._MotionSince.__init__
+    monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, canvas, threaded: make(self, canvas, False))
+    inline = scan_video(path, policy="balanced")
+    np.testing.assert_array_equal(threaded.motion_since, inline.motion_since)
+    assert threaded.motion_since[1:].max() > 0

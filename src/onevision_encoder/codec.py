@@ -198,6 +198,46 @@ class _SquareFrames:
             self.pictures[slot] = self.pictures[slots[0]]
 
 
+class _MotionSince:
+    """Camera-free motion summed since the previous sampled frame (`_BlockCanvas`), worked out on one worker
+    thread of its own when `threaded`: its many small NumPy calls then run while the main thread waits on
+    the decoder (which releases the GIL), instead of after it. One thread keeps the calls in order."""
+
+    def __init__(self, canvas: _BlockCanvas, threaded: bool):
+        self.canvas = canvas
+        self.pool = ThreadPoolExecutor(1) if threaded else None
+        self.jobs: deque = deque()
+
+    def add(self, vectors: np.ndarray) -> None:
+        self._run(_add_camera_free, self.canvas, vectors)
+
+    def read_into(self, maps: np.ndarray, slot: int, wmap: _WorkMap) -> None:
+        """maps[slot] = the sum so far on the working grid, in model pixels."""
+        self._run(self._read_into, maps, slot, wmap)
+
+    def clear(self) -> None:
+        self._run(self.canvas.clear)
+
+    def finish(self) -> None:
+        while self.jobs:
+            self.jobs.popleft().result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def _read_into(self, maps, slot, wmap) -> None:
+        maps[slot] = wmap(self.canvas.read()) * wmap.scale
+
+    def _run(self, fn, *args) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
+        self.jobs.append(self.pool.submit(fn, *args))
+        while self.jobs and self.jobs[0].done():
+            self.jobs.popleft().result()  # raises a worker's error here
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Per-frame measurements on the cell grid
 # ----------------------------------------------------------------------------------------------------------
@@ -533,7 +573,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             if wmap is None:
                 wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
                 cell = wmap.cell
-                accumulated = _BlockCanvas(frame.height, frame.width, cell)
+                accumulated = _MotionSince(_BlockCanvas(frame.height, frame.width, cell), since_maps and bitstream)
                 squares = _SquareFrames(wmap, num_frames)
             is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
             luma = luma_cells(frame, cell, wmap.gray) if motion and number in needed else None
@@ -542,7 +582,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             # their vectors chain over the interval once; B-frames (which point back to the same I/P frame,
             # and may not even be decoded) add nothing but the sample's own vectors.
             if vectors is not None and since_maps and (is_anchor or is_sampled):
-                _add_camera_free(accumulated, vectors)
+                accumulated.add(vectors)
             if is_sampled:
                 slots = slots_of[number]
                 squares.put(frame, slots)
@@ -554,7 +594,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                         maps["res"][first] = wmap(np.abs(luma - _warp_cells(previous_luma, *own_v, cell)))
                 if since_maps and number > 0 and sampled_luma is not None:
                     if bitstream:
-                        maps["since"][first] = wmap(accumulated.read()) * wmap.scale
+                        accumulated.read_into(maps["since"], first, wmap)
                     else:  # no bitstream motion: match against the previous sampled frame, in a worker
                         matches.append((first, squares.pool.submit(block_motion, sampled_luma, luma, cell=cell)))
                     maps["change"][first] = wmap(np.abs(luma - sampled_luma))
@@ -566,12 +606,14 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
         if last_slot < 0:
             raise VideoDecodeError(path, "no frame could be decoded")
         pictures, geometry = squares.finish(last_slot), wmap.plan.geometry
+        accumulated.finish()
         for first, match in matches:
             maps["since"][first] = wmap(_camera_free_magnitude(*match.result())) * wmap.scale
     finally:
         stream.close()
         if squares is not None:
             squares.close()
+            accumulated.close()
         if bar is not None:
             bar.close()
     frame_ids[last_slot + 1 :] = decoded - 1  # stream ended before its announced frame count
