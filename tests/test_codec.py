@@ -444,3 +444,20 @@ def test_motion_summed_on_its_own_thread_equals_summing_inline(videos, monkeypat
     inline = scan_video(path, policy="balanced")
     np.testing.assert_array_equal(threaded.motion_since, inline.motion_since)
     assert threaded.motion_since[1:].max() > 0
+
+
+def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_path):
+    from onevision_encoder.codec import _add_camera_free, _BlockCanvas
+
+    meta = write_video(tmp_path / "pan.mp4", scene="pan", num_frames=24, width=W, height=H, bf=2)
+    with av.open(meta["path"]) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        vectors = [motion_vectors(frame) for frame in container.decode(stream)]
+    assert vectors[0] is None and sum(v is not None for v in vectors) > 10  # a key frame, then P/B frames
+    for cell in (4, 16):
+        shape = (-(-H // cell), -(-W // cell))
+        together = _BlockCanvas(H, W, cell)
+        _add_camera_free(together, vectors)
+        each = sum(camera_free_motion(v, shape, cell) for v in vectors)
+        np.testing.assert_allclose(together.read(), each, rtol=1e-5, atol=1e-3)

@@ -199,24 +199,26 @@ class _SquareFrames:
 
 
 class _MotionSince:
-    """Camera-free motion summed since the previous sampled frame (`_BlockCanvas`), worked out on one worker
-    thread of its own when `threaded`: its many small NumPy calls then run while the main thread waits on
-    the decoder (which releases the GIL), instead of after it. One thread keeps the calls in order."""
+    """Camera-free motion summed since the previous sampled frame (`_BlockCanvas`). The frames' vectors are
+    gathered and worked out together when the sum is read (a few dozen NumPy calls per sampled frame, not
+    per decoded frame), on one worker thread of its own when `threaded`, while the main thread waits on the
+    decoder (which releases the GIL). One thread keeps the calls in order."""
 
     def __init__(self, canvas: _BlockCanvas, threaded: bool):
         self.canvas = canvas
         self.pool = ThreadPoolExecutor(1) if threaded else None
         self.jobs: deque = deque()
+        self.vectors: list[np.ndarray] = []
 
     def add(self, vectors: np.ndarray) -> None:
-        self._run(_add_camera_free, self.canvas, vectors)
+        self.vectors.append(vectors)
 
     def read_into(self, maps: np.ndarray, slot: int, wmap: _WorkMap) -> None:
         """maps[slot] = the sum so far on the working grid, in model pixels."""
-        self._run(self._read_into, maps, slot, wmap)
+        self._run(self._read_into, self.vectors, maps, slot, wmap)
 
     def clear(self) -> None:
-        self._run(self.canvas.clear)
+        self.vectors = []
 
     def finish(self) -> None:
         while self.jobs:
@@ -226,7 +228,9 @@ class _MotionSince:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
 
-    def _read_into(self, maps, slot, wmap) -> None:
+    def _read_into(self, vectors, maps, slot, wmap) -> None:
+        self.canvas.clear()
+        _add_camera_free(self.canvas, vectors)
         maps[slot] = wmap(self.canvas.read()) * wmap.scale
 
     def _run(self, fn, *args) -> None:
@@ -254,28 +258,36 @@ def luma_cells(frame, cell: int = CELL, reformatter: VideoReformatter | None = N
 
 @dataclass
 class _L0Blocks:
-    """A frame's past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares: motion [n] as
-    vx + i*vy in decoded pixels (sub-pel units divided out by motion_scale); fraction [n] of a square that a
-    block smaller than one covers (1 otherwise); area [n] in squares inside the frame (times the fraction);
-    corners [4, n] flat indices (r0,c0), (r0,c1), (r1,c0), (r1,c1) into a (rows+1) x (cols+1) difference
-    array, so that filling every rectangle is one bincount and two cumsums.
+    """Some frames' past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares: frame [n]
+    which of the frames a block belongs to; motion [n] as vx + i*vy in decoded pixels (sub-pel units divided
+    out by motion_scale); fraction [n] of a square that a block smaller than one covers (1 otherwise); area
+    [n] in squares inside the frame (times the fraction); corners [4, n] flat indices (r0,c0), (r0,c1),
+    (r1,c0), (r1,c1) into a (rows+1) x (cols+1) difference array, so that filling every rectangle is one
+    bincount and two cumsums.
 
     The unit is a power of two from 4 to 16: codec blocks are powers of two from 4 to 16 pixels a side,
     aligned to their size inside 16x16 macroblocks, so a block either spans whole squares or lies inside
     one, and weighting the small ones by their fraction gives each square its exact area-weighted mean."""
 
+    frames: int
+    frame: np.ndarray
     motion: np.ndarray
     fraction: np.ndarray
     area: np.ndarray
     corners: np.ndarray
 
     @classmethod
-    def of(cls, mvs: np.ndarray | None, grid: tuple[int, int], unit: int = MV_GRID) -> "_L0Blocks | None":
-        if mvs is None or len(mvs) == 0:
+    def of(cls, vectors: list[np.ndarray | None], grid: tuple[int, int], unit: int = MV_GRID) -> "_L0Blocks | None":
+        """The blocks of frames given by their motion vectors (one array per frame, None for none)."""
+        vectors = [v for v in vectors if v is not None and len(v)]
+        if not vectors:
             return None
+        frame = np.repeat(np.arange(len(vectors)), [len(v) for v in vectors])
+        # joined as opaque records: NumPy joins structured arrays field by field, 25x slower
+        mvs = np.concatenate([v.view(f"V{v.dtype.itemsize}") for v in vectors]).view(vectors[0].dtype)
         rows, cols = grid
         # Whole-array integer ops, one selection at the end: a boolean mask on the structured array itself
-        # cost more than everything else here together (this runs for every I/P frame).
+        # cost more than everything else here together.
         w, h = mvs["w"].astype(np.int32), mvs["h"].astype(np.int32)
         x0, y0 = mvs["dst_x"] - (w >> 1), mvs["dst_y"] - (h >> 1)
         shift = unit.bit_length() - 1  # >> shift: floor division by the unit
@@ -290,24 +302,30 @@ class _L0Blocks:
         motion = ((mvs["motion_x"][keep] + 1j * mvs["motion_y"][keep]) / scale).astype(np.complex64)
         stride = cols + 1
         corners = np.stack([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
-        return cls(motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners)
+        return cls(len(vectors), frame[keep], motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners)
 
     def camera_free(self, grid: tuple[int, int]) -> tuple[float, np.ndarray]:
-        """|v - median(v)| of the blocks, the per-component medians weighted by the area each block covers,
-        grid squares without an L0 block (intra, or outside every block) counting as still. Returns the
-        value of the uncovered squares, |median|, and per block its |v - median| minus that value."""
-        uncovered = max(0.0, grid[0] * grid[1] - float(self.area.sum()))
-        values = np.append(self.motion, np.complex64(0))
-        weights = np.append(self.area, np.float32(uncovered))
-        median = _weighted_median(values.real, weights) + 1j * _weighted_median(values.imag, weights)
-        base = abs(median)
-        return base, (np.abs(self.motion - median) - base).astype(np.float32)
+        """|v - median(v)| of each frame's blocks, the per-component medians of a frame weighted by the area
+        each block covers, grid squares without an L0 block (intra, or outside every block) counting as still.
+        Returns the sum over frames of the value of the uncovered squares, |median|, and per block its
+        |v - median| minus its frame's |median|."""
+        uncovered = np.maximum(grid[0] * grid[1] - np.bincount(self.frame, self.area, self.frames), 0)
+        frame = np.concatenate([self.frame, np.arange(self.frames)])  # one still entry per frame
+        values = np.concatenate([self.motion, np.zeros(self.frames, np.complex64)])
+        weights = np.concatenate([self.area, uncovered])
+        median = _weighted_medians(values.real, weights, frame) + 1j * _weighted_medians(values.imag, weights, frame)
+        base = np.abs(median)
+        return float(base.sum()), (np.abs(self.motion - median[self.frame]) - base[self.frame]).astype(np.float32)
 
 
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values, kind="stable")
-    cumulative = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+def _weighted_medians(values: np.ndarray, weights: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Per group g = 0, 1, ...: the weighted median of its values (the first value, in sorted order, at which
+    the cumulative weight reaches half the group's total). One sort for all groups."""
+    order = np.lexsort((values, group))  # by group, then value; stable, so ties keep their given order
+    cumulative = np.cumsum(weights[order], dtype=np.float64)  # areas are multiples of 1/256: exact
+    totals = np.bincount(group, weights)
+    starts = np.concatenate([[0.0], np.cumsum(totals)[:-1]])
+    return values[order][np.searchsorted(cumulative, starts + totals / 2)]
 
 
 class _BlockCanvas:
@@ -334,8 +352,8 @@ class _BlockCanvas:
         self.base = 0.0
         self.corners, self.weights = [], []
 
-    def blocks(self, mvs: np.ndarray | None) -> _L0Blocks | None:
-        return _L0Blocks.of(mvs, self.grid, self.unit)
+    def blocks(self, vectors: list[np.ndarray | None]) -> _L0Blocks | None:
+        return _L0Blocks.of(vectors, self.grid, self.unit)
 
     def add(self, blocks: _L0Blocks, values: np.ndarray, base: float = 0.0) -> None:
         """Add `values` [n] over the blocks' rectangles (each weighted by its fraction of a square) and
@@ -372,7 +390,7 @@ def motion_cells(
     Sub-pel units divided out by motion_scale. cell_shape is that of a frame `cell * cell_shape` pixels."""
     canvas_x = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
     canvas_y = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
-    blocks = canvas_x.blocks(mvs)
+    blocks = canvas_x.blocks([mvs])
     if blocks is not None:
         canvas_x.add(blocks, blocks.motion.real)
         canvas_y.add(blocks, blocks.motion.imag)
@@ -384,14 +402,14 @@ def camera_free_motion(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell
     the per-component medians taken over the blocks weighted by the area they cover, cells without an L0
     block counting as still: a thousand blocks a frame instead of every cell."""
     canvas = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
-    _add_camera_free(canvas, mvs)
+    _add_camera_free(canvas, [mvs])
     return canvas.read()
 
 
-def _add_camera_free(canvas: _BlockCanvas, mvs: np.ndarray | None) -> None:
-    """Add one frame's camera-free motion magnitude to `canvas` (nothing for a frame without L0 blocks).
-    This runs on every decoded frame with motion vectors: the hot path of the selection."""
-    blocks = canvas.blocks(mvs)
+def _add_camera_free(canvas: _BlockCanvas, vectors: list[np.ndarray | None]) -> None:
+    """Add the camera-free motion magnitude of some frames (their motion vectors, one array per frame) to
+    `canvas`; frames without L0 blocks add nothing. The hot path of the selection."""
+    blocks = canvas.blocks(vectors)
     if blocks is not None:
         base, values = blocks.camera_free(canvas.grid)
         canvas.add(blocks, values, base)
