@@ -46,6 +46,15 @@ def videos(tmp_path_factory):
     return made
 
 
+def _pan_motion_vectors(tmp_path):
+    """The motion vectors of each frame (None for a key frame) of a short H.264 camera pan with B-frames."""
+    meta = write_video(tmp_path / "pan.mp4", scene="pan", num_frames=24, width=W, height=H, bf=2)
+    with av.open(meta["path"]) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        return [motion_vectors(frame) for frame in container.decode(stream)]
+
+
 def _decoded(path):
     with av.open(os.fspath(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
@@ -352,11 +361,7 @@ def test_scan_for_one_policy_selects_the_same_as_a_full_scan(videos, policy):
 
 
 def test_block_weighted_camera_free_motion_equals_the_per_cell_definition(tmp_path):
-    meta = write_video(tmp_path / "pan.mp4", scene="pan", num_frames=24, width=W, height=H, bf=2)
-    with av.open(meta["path"]) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.options = {"flags2": "+export_mvs"}
-        vectors = [motion_vectors(frame) for frame in container.decode(stream)]
+    vectors = _pan_motion_vectors(tmp_path)
     shape = (-(-H // 4), -(-W // 4))
     compared = 0
     for mvs in vectors:
@@ -416,11 +421,7 @@ def test_skipping_undecoded_b_frames_changes_no_selection(tmp_path, monkeypatch)
 def test_motion_on_16_pixel_cells_is_the_mean_of_the_4_pixel_cells(tmp_path):
     """Large frames fill motion blocks on 8- or 16-pixel squares (sub-blocks weighted by their share of a
     square) instead of the 4-pixel grid: the result must be the area mean of the 4-pixel cells."""
-    meta = write_video(tmp_path / "pan.mp4", scene="pan", num_frames=24, width=W, height=H, bf=2)
-    with av.open(meta["path"]) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.options = {"flags2": "+export_mvs"}
-        vectors = [motion_vectors(frame) for frame in container.decode(stream)]
+    vectors = _pan_motion_vectors(tmp_path)
     fine, coarse = (H // 4, W // 4), (H // 16, W // 16)  # W and H are multiples of 16
 
     def pooled(cells):
@@ -449,11 +450,7 @@ def test_motion_summed_on_its_own_thread_equals_summing_inline(videos, monkeypat
 def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_path):
     from onevision_encoder.codec import _add_camera_free, _BlockCanvas
 
-    meta = write_video(tmp_path / "pan.mp4", scene="pan", num_frames=24, width=W, height=H, bf=2)
-    with av.open(meta["path"]) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.options = {"flags2": "+export_mvs"}
-        vectors = [motion_vectors(frame) for frame in container.decode(stream)]
+    vectors = _pan_motion_vectors(tmp_path)
     assert vectors[0] is None and sum(v is not None for v in vectors) > 10  # a key frame, then P/B frames
     for cell in (4, 16):
         shape = (-(-H // cell), -(-W // cell))
