@@ -458,3 +458,20 @@ def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_pat
         _add_camera_free(together, vectors)
         each = sum(camera_free_motion(v, shape, cell) for v in vectors)
         np.testing.assert_allclose(together.read(), each, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_scan_without_worker_threads_equals_the_threaded_scan(videos, codec):
+    """With one torch thread (as in a DataLoader worker) everything runs inline, with the same result."""
+    path = videos[codec]["path"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threaded = scan_video(path)
+        torch.set_num_threads(1)
+        inline = scan_video(path)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(threaded.pictures, inline.pictures)
+    for name in ("own_motion", "residual", "motion_since", "change_since"):
+        np.testing.assert_array_equal(getattr(threaded, name), getattr(inline, name))

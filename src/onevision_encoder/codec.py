@@ -29,7 +29,7 @@ import math
 import os
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from dataclasses import dataclass, field
@@ -156,21 +156,28 @@ class _SquareFrames:
     torch on one thread (torch's thread count is per calling thread; more oversubscribed the cores). At most
     `ahead` decoded frames wait, so memory stays bounded by the sampled frames at the working resolution."""
 
-    def __init__(self, wmap: _WorkMap, num_frames: int, workers: int | None = None, ahead: int = 8):
+    def __init__(self, wmap: _WorkMap, num_frames: int, workers: int, ahead: int = 8):
         self.wmap, self.ahead = wmap, ahead
         # uint8 until needed as floats: a quarter of the memory, and fresh float pages cost a page fault
         # each (about 20 ms for 64 frames of 224 px on the 2-core benchmark machine). A normal tensor even
         # under the caller's inference_mode, which worker threads do not inherit (they could not write it).
         with torch.inference_mode(False):
             self.pictures = torch.empty(num_frames, 3, wmap.plan.size, wmap.plan.size, dtype=torch.uint8)
-        # torch's intra-op threads are per calling thread: one each, or the workers oversubscribe the cores
-        self.pool = ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1), initializer=torch.set_num_threads,
-                                       initargs=(1,))
+        # torch's intra-op threads are per calling thread: one each, or the workers oversubscribe the cores.
+        # No workers: everything runs in the calling thread as it is submitted.
+        self.pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers else None
         self.local = threading.local()  # one FFmpeg scaler per thread: they are not thread-safe
         self.pending: deque = deque()
 
+    def submit(self, fn, *args, **kwargs) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args, **kwargs)
+        done = Future()
+        done.set_result(fn(*args, **kwargs))
+        return done
+
     def put(self, frame, slots: list[int]) -> None:
-        self.pending.append((slots, self.pool.submit(self._square, frame, slots[0])))
+        self.pending.append((slots, self.submit(self._square, frame, slots[0])))
         while len(self.pending) > self.ahead:
             self._finish_oldest()
 
@@ -184,7 +191,8 @@ class _SquareFrames:
 
     def close(self) -> None:
         """Stop the workers, dropping frames not started (after an error)."""
-        self.pool.shutdown(cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
     def _square(self, frame, slot: int) -> None:
         if not hasattr(self.local, "rgb"):
@@ -529,7 +537,6 @@ def _torch_single_threaded():
         torch.set_num_threads(threads)
 
 
-@_torch_single_threaded()
 def scan_video(
     path: str | os.PathLike,
     num_frames: int = 64,
@@ -543,18 +550,23 @@ def scan_video(
     """Decode `path` once, keep the `num_frames` sampled frames resized, and measure motion and change.
 
     Memory stays at the sampled frames plus a few cell maps, whatever the video's length. The frame count
-    N comes from the container (`VideoFile.info`); if decoding yields fewer frames than announced, the slots past the end
-    repeat the last decoded frame (with no motion). motion=False only samples frames (`sample_frames`).
-    policy: measure only what that policy scores (None: both, e.g. to compare them on one scan).
+    N comes from the container (`VideoFile.info`); if decoding yields fewer frames than announced, the
+    slots past the end repeat the last decoded frame (with no motion). motion=False only samples frames
+    (`sample_frames`). policy: measure only what that policy scores (None: both, e.g. to compare them on
+    one scan). Worker threads (resizing, motion sums, block matching) are used when torch may use more than
+    one thread here: not inside a DataLoader worker process, which torch limits to one.
     """
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     _check_geometry(size, patch_size, resize)
+    threads = torch.get_num_threads()
+    workers = min(4, threads) if threads > 1 else 0
     with VideoFile(path) as video:
-        return _scan(video, num_frames, size, patch_size, resize, motion, progress, policy)
+        return _scan(video, num_frames, size, patch_size, resize, motion, progress, policy, workers)
 
 
-def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy) -> VideoScan:
+@_torch_single_threaded()
+def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy, workers) -> VideoScan:
     path = video.path
     info = video.info(timestamps=True)
     total = info.frame_count
@@ -591,8 +603,9 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             if wmap is None:
                 wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
                 cell = wmap.cell
-                accumulated = _MotionSince(_BlockCanvas(frame.height, frame.width, cell), since_maps and bitstream)
-                squares = _SquareFrames(wmap, num_frames)
+                canvas = _BlockCanvas(frame.height, frame.width, cell)
+                accumulated = _MotionSince(canvas, threaded=since_maps and bitstream and workers > 0)
+                squares = _SquareFrames(wmap, num_frames, workers)
             is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
             luma = luma_cells(frame, cell, wmap.gray) if motion and number in needed else None
             vectors = motion_vectors(frame) if motion and bitstream else None
@@ -614,7 +627,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                     if bitstream:
                         accumulated.read_into(maps["since"], first, wmap)
                     else:  # no bitstream motion: match against the previous sampled frame, in a worker
-                        matches.append((first, squares.pool.submit(block_motion, sampled_luma, luma, cell=cell)))
+                        matches.append((first, squares.submit(block_motion, sampled_luma, luma, cell=cell)))
                     maps["change"][first] = wmap(np.abs(luma - sampled_luma))
                 accumulated.clear()
                 sampled_luma, last_slot = luma, slots[-1]
