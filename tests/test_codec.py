@@ -475,3 +475,23 @@ def test_scan_without_worker_threads_equals_the_threaded_scan(videos, codec):
     assert torch.equal(threaded.pictures, inline.pictures)
     for name in ("own_motion", "residual", "motion_since", "change_since"):
         np.testing.assert_array_equal(getattr(threaded, name), getattr(inline, name))
+
+
+def test_a_sampled_frame_the_decoder_drops_repeats_the_one_before(videos, monkeypatch):
+    from onevision_encoder.video import VideoFile
+
+    path = videos["h264"]["path"]
+    whole = scan_video(path, num_frames=16)
+    dropped = int(whole.frame_ids[5])
+    frames = VideoFile.frames
+
+    def dropping(self, *args, **kwargs):  # as when a broken frame is concealed away by the decoder
+        return ((n, f) for n, f in frames(self, *args, **kwargs) if n not in (0, dropped))
+
+    monkeypatch.setattr(VideoFile, "frames", dropping)
+    gappy = scan_video(path, num_frames=16)
+    expected = whole.frame_ids.copy()
+    expected[5], expected[0] = expected[4], expected[1]  # the gap shows the frame before; frame 0, the next
+    assert gappy.frame_ids.tolist() == expected.tolist()
+    assert torch.equal(gappy.pictures[5], whole.pictures[4]) and torch.equal(gappy.pictures[0], whole.pictures[1])
+    assert torch.equal(gappy.pictures[6:], whole.pictures[6:])

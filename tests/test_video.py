@@ -77,3 +77,32 @@ def test_a_container_that_cannot_seek_back_is_opened_again(b_frame_video, monkey
     assert refused and {3, 40} <= got.keys()
     for number, pixels in got.items():
         np.testing.assert_array_equal(pixels, expected[number])
+
+
+def test_frames_cut_off_by_an_edit_list_are_neither_counted_nor_numbered(tmp_path):
+    """An MP4 whose edit list starts 3 frames into the stream (a clip cut without re-encoding): the decoder
+    never shows those 3, so they get no frame number, with or without skipping."""
+    import fractions
+
+    import av
+
+    path = tmp_path / "cut.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"bf": "0", "preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):  # pts -3, -2, -1 come before the edit list's start
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i - 3, fractions.Fraction(1, 24)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert probe_video(path, timestamps=True).frame_count == 17
+    everything = _all_frames(path)
+    assert sorted(everything) == list(range(17)) and abs(everything[0].mean() - 30) < 3  # shown from pts 0
+    decoded = {n: f.to_ndarray(format="gray") for n, f in decode_frames(path, needed={0, 8, 16}.__contains__)}
+    for number, pixels in decoded.items():
+        np.testing.assert_array_equal(pixels, everything[number])
+
+    from onevision_encoder import sample_frames
+
+    clip = sample_frames(path, num_frames=17, size=28, patch_size=14)
+    assert clip.frame_ids.tolist() == list(range(17))

@@ -168,6 +168,7 @@ class _SquareFrames:
         self.pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers else None
         self.local = threading.local()  # one FFmpeg scaler per thread: they are not thread-safe
         self.pending: deque = deque()
+        self.filled = np.zeros(num_frames, bool)
 
     def submit(self, fn, *args, **kwargs) -> Future:
         if self.pool is not None:
@@ -181,13 +182,20 @@ class _SquareFrames:
         while len(self.pending) > self.ahead:
             self._finish_oldest()
 
-    def finish(self, last_slot: int) -> torch.Tensor:
-        """Wait for every frame; slots after `last_slot` (a stream that ended early) repeat it. Returns the
-        uint8 squares `[T, 3, size, size]`."""
+    def finish(self) -> np.ndarray | None:
+        """Wait for every frame. A slot whose frame never came (the stream ended early, or the decoder dropped
+        a broken frame) repeats the nearest earlier one (the first one, for leading slots). Returns, per slot,
+        the slot whose frame it shows; None if no frame came at all."""
         while self.pending:
             self._finish_oldest()
-        self.pictures[last_slot + 1 :] = self.pictures[last_slot]
-        return self.pictures
+        if not self.filled.any():
+            return None
+        slots = np.arange(len(self.filled))
+        source = np.maximum.accumulate(np.where(self.filled, slots, -1))
+        source[source < 0] = np.flatnonzero(self.filled)[0]
+        for slot in np.flatnonzero(source != slots):
+            self.pictures[slot] = self.pictures[source[slot]]
+        return source
 
     def close(self) -> None:
         """Stop the workers, dropping frames not started (after an error)."""
@@ -204,6 +212,7 @@ class _SquareFrames:
         job.result()
         for slot in slots[1:]:  # a frame sampled for several slots
             self.pictures[slot] = self.pictures[slots[0]]
+        self.filled[slots] = True
 
 
 class _MotionSince:
@@ -551,7 +560,7 @@ def scan_video(
 
     Memory stays at the sampled frames plus a few cell maps, whatever the video's length. The frame count
     N comes from the container (`VideoFile.info`); if decoding yields fewer frames than announced, the
-    slots past the end repeat the last decoded frame (with no motion). motion=False only samples frames
+    slots past the end repeat the last sampled frame (with no motion). motion=False only samples frames
     (`sample_frames`). policy: measure only what that policy scores (None: both, e.g. to compare them on
     one scan). Worker threads (resizing, motion sums, block matching) are used when torch may use more than
     one thread here: not inside a DataLoader worker process, which torch limits to one.
@@ -588,7 +597,6 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
     motion_source = ("bitstream" if bitstream else "block-matching") if motion else "none"
     accumulated = previous_luma = sampled_luma = None
     last_anchor = 0  # display number of the last I/P frame: the usual reference of the frames after it
-    last_slot = -1
     decoded = 0
     needed = slots_of.keys() | needed_before
     matches = []  # (slot, block matching running in a worker)
@@ -630,13 +638,14 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                         matches.append((first, squares.submit(block_motion, sampled_luma, luma, cell=cell)))
                     maps["change"][first] = wmap(np.abs(luma - sampled_luma))
                 accumulated.clear()
-                sampled_luma, last_slot = luma, slots[-1]
+                sampled_luma = luma
             if is_anchor:  # the reference of the frames that follow
                 last_anchor = number
             previous_luma = luma
-        if last_slot < 0:
-            raise VideoDecodeError(path, "no frame could be decoded")
-        pictures, geometry = squares.finish(last_slot), wmap.plan.geometry
+        shown = squares.finish() if squares is not None else None
+        if shown is None:
+            raise VideoDecodeError(path, "none of the sampled frames could be decoded")
+        pictures, geometry = squares.pictures, wmap.plan.geometry
         accumulated.finish()
         for first, match in matches:
             maps["since"][first] = wmap(_camera_free_magnitude(*match.result())) * wmap.scale
@@ -647,7 +656,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             accumulated.close()
         if bar is not None:
             bar.close()
-    frame_ids[last_slot + 1 :] = decoded - 1  # stream ended before its announced frame count
+    frame_ids = frame_ids[shown]  # slots whose frame never came show (and name) an earlier one
     return VideoScan(
         path=path,
         frame_ids=frame_ids,

@@ -90,20 +90,23 @@ class VideoFile:
 
     def info(self, timestamps: bool = False) -> VideoInfo:
         """Frame count, codec and size. The frame count is the container's when it has one (MP4/MOV store it
-        in their index); otherwise (Matroska, WebM, raw streams) the video packets are counted by demuxing
-        without decoding, which costs little next to decoding. timestamps: also number the packets by
+        in their index) and timestamps are not asked for; otherwise (Matroska, WebM, raw streams) the video
+        packets are counted by demuxing without decoding, which costs little next to decoding, leaving out
+        those the decoder will not show (cut off by an MP4 edit list). timestamps: also number the packets by
         presentation time (`VideoInfo.presentation_numbers`). Raises VideoDecodeError if there are no frames."""
         count, numbers = self.stream.frames, None
         if count <= 0 or timestamps:
             try:
-                packets = [(p.pts, p.pos) for p in self.container.demux(self.stream) if p.size > 0]
+                packets = [(p.pts, p.pos, p.is_discard) for p in self.container.demux(self.stream) if p.size > 0]
             except av.error.FFmpegError as exc:
                 if count <= 0:
                     raise VideoDecodeError(self.path, f"cannot read packets ({exc})") from None
-                packets = [(None, None)]  # unreadable past some point: number frames by decoding them
-            self._first_packet = packets[0] if packets else (None, None)
-            count = count if count > 0 else len(packets)
-            pts = [p for p, _ in packets]
+                packets = [(None, None, False)]  # unreadable past some point: number frames by decoding them
+            self._first_packet = packets[0][:2] if packets else (None, None)
+            # Packets flagged "discard" (before the start of an MP4 edit list: a clip cut without re-encoding)
+            # are decoded but never shown: they get no number, as when frames are counted by decoding.
+            pts = [p for p, _, discard in packets if not discard]
+            count = len(pts) if pts != [None] else count  # the frames shown, when every packet could be read
             if timestamps and None not in pts and len(set(pts)) == len(pts):
                 numbers = {timestamp: number for number, timestamp in enumerate(sorted(pts))}
         if count <= 0:
