@@ -495,3 +495,24 @@ def test_a_sampled_frame_the_decoder_drops_repeats_the_one_before(videos, monkey
     assert gappy.frame_ids.tolist() == expected.tolist()
     assert torch.equal(gappy.pictures[5], whole.pictures[4]) and torch.equal(gappy.pictures[0], whole.pictures[1])
     assert torch.equal(gappy.pictures[6:], whole.pictures[6:])
+
+
+def test_weighted_medians_by_histogram_equal_those_by_sorting():
+    from onevision_encoder.codec import _weighted_medians
+
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        groups, steps = int(rng.integers(1, 5)), int(rng.choice([1, 2, 4]))
+        n = int(rng.integers(groups, 2000))
+        values = (rng.integers(-200, 200, n) / steps).astype(np.float32)
+        if trial % 3 == 0:
+            values = np.round(values / 8) * 8  # many ties
+        weights = (rng.integers(0, 64, n) / 16).astype(np.float32)  # multiples of 1/16 pixel area, some 0
+        group = rng.integers(0, groups, n)
+        group[:groups], weights[:groups] = np.arange(groups), weights[:groups] + 1  # no empty group
+        by_histogram = _weighted_medians(values, weights, group, steps)
+        np.testing.assert_array_equal(by_histogram, _weighted_medians(values, weights, group))
+        g = group == 0  # and the sort is the definition: first value reaching half the weight
+        order = np.argsort(values[g], kind="stable")
+        half = np.cumsum(weights[g][order], dtype=np.float64) >= weights[g].sum(dtype=np.float64) / 2
+        assert by_histogram[0] == values[g][order][half.argmax()]

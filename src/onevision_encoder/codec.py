@@ -292,6 +292,7 @@ class _L0Blocks:
     fraction: np.ndarray
     area: np.ndarray
     corners: np.ndarray
+    steps: int = 0  # motion comes in multiples of 1/steps pixel (4: quarter-pel); 0: unknown
 
     @classmethod
     def of(cls, vectors: list[np.ndarray | None], grid: tuple[int, int], unit: int = MV_GRID) -> "_L0Blocks | None":
@@ -315,11 +316,12 @@ class _L0Blocks:
             return None
         c0, c1, r0, r1 = c0[keep], c1[keep], r0[keep], r1[keep]
         fraction = (np.minimum(w[keep], unit) * np.minimum(h[keep], unit) / unit**2).astype(np.float32)
-        scale = np.maximum(mvs["motion_scale"][keep], 1).astype(np.float32)
+        scale = np.maximum(mvs["motion_scale"][keep], 1)
         motion = ((mvs["motion_x"][keep] + 1j * mvs["motion_y"][keep]) / scale).astype(np.complex64)
+        steps = int(np.lcm.reduce(np.unique(scale)))  # every motion is a multiple of 1/steps pixel
         stride = cols + 1
         corners = np.stack([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
-        return cls(len(vectors), frame[keep], motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners)
+        return cls(len(vectors), frame[keep], motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners, steps)
 
     def camera_free(self, grid: tuple[int, int]) -> tuple[float, np.ndarray]:
         """|v - median(v)| of each frame's blocks, the per-component medians of a frame weighted by the area
@@ -330,17 +332,27 @@ class _L0Blocks:
         frame = np.concatenate([self.frame, np.arange(self.frames)])  # one still entry per frame
         values = np.concatenate([self.motion, np.zeros(self.frames, np.complex64)])
         weights = np.concatenate([self.area, uncovered])
-        median = _weighted_medians(values.real, weights, frame) + 1j * _weighted_medians(values.imag, weights, frame)
+        median = (_weighted_medians(values.real, weights, frame, self.steps)
+                  + 1j * _weighted_medians(values.imag, weights, frame, self.steps))
         base = np.abs(median)
         return float(base.sum()), (np.abs(self.motion - median[self.frame]) - base[self.frame]).astype(np.float32)
 
 
-def _weighted_medians(values: np.ndarray, weights: np.ndarray, group: np.ndarray) -> np.ndarray:
+def _weighted_medians(values: np.ndarray, weights: np.ndarray, group: np.ndarray, steps: int = 0) -> np.ndarray:
     """Per group g = 0, 1, ...: the weighted median of its values (the first value, in sorted order, at which
-    the cumulative weight reaches half the group's total). One sort for all groups."""
-    order = np.lexsort((values, group))  # by group, then value; stable, so ties keep their given order
-    cumulative = np.cumsum(weights[order], dtype=np.float64)  # areas are multiples of 1/256: exact
+    the cumulative weight reaches half the group's total; weights are multiples of 1/256, so sums are exact).
+    steps: when every value is a multiple of 1/steps (motion in sub-pel units), one weighted histogram per
+    group finds the same medians as sorting, about 10x faster; otherwise one sort serves all groups."""
     totals = np.bincount(group, weights)
+    if steps:
+        keys = np.rint(values * steps).astype(np.int64)
+        low, span = int(keys.min()), int(keys.max() - keys.min()) + 1
+        if len(totals) * span <= 1 << 20:  # motion within a few hundred pixels
+            histogram = np.bincount(group * span + (keys - low), weights, len(totals) * span)
+            reached = histogram.reshape(len(totals), span).cumsum(1) >= totals[:, None] / 2
+            return ((reached.argmax(1) + low) / steps).astype(values.dtype)
+    order = np.lexsort((values, group))  # by group, then value
+    cumulative = np.cumsum(weights[order], dtype=np.float64)
     starts = np.concatenate([[0.0], np.cumsum(totals)[:-1]])
     return values[order][np.searchsorted(cumulative, starts + totals / 2)]
 
