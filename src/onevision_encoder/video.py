@@ -96,19 +96,21 @@ class VideoFile:
         presentation time (`VideoInfo.presentation_numbers`). Raises VideoDecodeError if there are no frames."""
         count, numbers = self.stream.frames, None
         if count <= 0 or timestamps:
+            packets, readable = [], True
             try:
                 packets = [(p.pts, p.pos, p.is_discard) for p in self.container.demux(self.stream) if p.size > 0]
             except av.error.FFmpegError as exc:
                 if count <= 0:
                     raise VideoDecodeError(self.path, f"cannot read packets ({exc})") from None
-                packets = [(None, None, False)]  # unreadable past some point: number frames by decoding them
-            self._first_packet = packets[0][:2] if packets else (None, None)
-            # Packets flagged "discard" (before the start of an MP4 edit list: a clip cut without re-encoding)
-            # are decoded but never shown: they get no number, as when frames are counted by decoding.
-            pts = [p for p, _, discard in packets if not discard]
-            count = len(pts) if pts != [None] else count  # the frames shown, when every packet could be read
-            if timestamps and None not in pts and len(set(pts)) == len(pts):
-                numbers = {timestamp: number for number, timestamp in enumerate(sorted(pts))}
+                readable = False  # unreadable past some point: keep the container's count, number by decoding
+            self._first_packet = packets[0][:2] if packets else (None, None)  # where `frames` must start again
+            if readable:
+                # Packets flagged "discard" (before the start of an MP4 edit list: a clip cut without
+                # re-encoding) are decoded but never shown: no count, no number, as when counting decoded frames.
+                pts = [p for p, _, discard in packets if not discard]
+                count = len(pts)
+                if timestamps and None not in pts and len(set(pts)) == len(pts):
+                    numbers = {timestamp: number for number, timestamp in enumerate(sorted(pts))}
         if count <= 0:
             raise VideoDecodeError(self.path, "video stream has no frames")
         context = self.stream.codec_context
