@@ -448,16 +448,16 @@ def test_motion_summed_on_its_own_thread_equals_summing_inline(videos, monkeypat
 
 
 def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_path):
-    from onevision_encoder.codec import _add_camera_free, _BlockCanvas
+    from onevision_encoder.codec import _BlockCanvas, _camera_free_cells
 
     vectors = _pan_motion_vectors(tmp_path)
     assert vectors[0] is None and sum(v is not None for v in vectors) > 10  # a key frame, then P/B frames
     for cell in (4, 16):
         shape = (-(-H // cell), -(-W // cell))
-        together = _BlockCanvas(H, W, cell)
-        _add_camera_free(together, vectors)
+        canvas = _BlockCanvas(H, W, cell)
+        together = _camera_free_cells(canvas, canvas.blocks(vectors))
         each = sum(camera_free_motion(v, shape, cell) for v in vectors)
-        np.testing.assert_allclose(together.read(), each, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(together, each, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("codec", ["h264", "hevc"])

@@ -147,6 +147,15 @@ class _WorkMap:
         return np.where(self.valid, display[self.rows[:, None], self.cols[None, :]], 0).astype(np.float32)
 
 
+def _submit(pool: ThreadPoolExecutor | None, fn, *args, **kwargs) -> Future:
+    """`pool.submit(fn, ...)`, or with no pool, `fn(...)` run now in the calling thread: a Future either way."""
+    if pool is not None:
+        return pool.submit(fn, *args, **kwargs)
+    done = Future()
+    done.set_result(fn(*args, **kwargs))
+    return done
+
+
 class _SquareFrames:
     """Puts the sampled frames on the model's square in worker threads while decoding goes on (`pool` also
     takes the block matching of codecs without motion vectors).
@@ -171,11 +180,7 @@ class _SquareFrames:
         self.filled = np.zeros(num_frames, bool)
 
     def submit(self, fn, *args, **kwargs) -> Future:
-        if self.pool is not None:
-            return self.pool.submit(fn, *args, **kwargs)
-        done = Future()
-        done.set_result(fn(*args, **kwargs))
-        return done
+        return _submit(self.pool, fn, *args, **kwargs)
 
     def put(self, frame, slots: list[int]) -> None:
         self.pending.append((slots, self.submit(self._square, frame, slots[0])))
@@ -246,15 +251,10 @@ class _MotionSince:
             self.pool.shutdown(cancel_futures=True)
 
     def _read_into(self, vectors, maps, slot, wmap) -> None:
-        self.canvas.clear()
-        _add_camera_free(self.canvas, vectors)
-        maps[slot] = wmap(self.canvas.read()) * wmap.scale
+        maps[slot] = wmap(_camera_free_cells(self.canvas, self.canvas.blocks(vectors))) * wmap.scale
 
     def _run(self, fn, *args) -> None:
-        if self.pool is None:
-            fn(*args)
-            return
-        self.jobs.append(self.pool.submit(fn, *args))
+        self.jobs.append(_submit(self.pool, fn, *args))
         while self.jobs and self.jobs[0].done():
             self.jobs.popleft().result()  # raises a worker's error here
 
@@ -358,14 +358,13 @@ def _weighted_medians(values: np.ndarray, weights: np.ndarray, group: np.ndarray
 
 
 class _BlockCanvas:
-    """Sums of block rectangles on a grid of `unit`-pixel squares (`_L0Blocks`), read out as means over
-    `cell`-pixel cells. The unit is the largest power of two up to 16 that divides the cell: 4 pixels on
-    small frames, 16 on 1080p, where a 4-pixel grid made the read-outs cost more than the blocks.
+    """Fills block rectangles on a grid of `unit`-pixel squares (`_L0Blocks`) and reads them out as means
+    over `cell`-pixel cells. The unit is the largest power of two up to 16 that divides the cell: 4 pixels
+    on small frames, 16 on 1080p, where a 4-pixel grid made the read-outs cost more than the blocks.
 
     Filling goes through a difference array: each block adds its value at two corners and subtracts it at
-    the other two, and two cumulative sums give every grid square the sum of the blocks covering it. The
-    corners of many frames can be gathered before one read-out, which keeps the per-frame cost at a few
-    vector operations over the frame's blocks."""
+    the other two, and two cumulative sums give every grid square the sum of the blocks covering it: one
+    bincount for all the blocks of all the frames given, whatever their number."""
 
     def __init__(self, height: int, width: int, cell: int = CELL):
         self.unit = min(16, cell & -cell)  # cells are multiples of 4, so this is 4, 8 or 16
@@ -375,40 +374,46 @@ class _BlockCanvas:
         inside = np.zeros((self.cells[0] * self.k, self.cells[1] * self.k), np.float32)
         inside[: self.grid[0], : self.grid[1]] = 1
         self.squares_per_cell = self._pool(inside)
-        self.clear()
-
-    def clear(self) -> None:
-        self.base = 0.0
-        self.corners, self.weights = [], []
 
     def blocks(self, vectors: list[np.ndarray | None]) -> _L0Blocks | None:
         return _L0Blocks.of(vectors, self.grid, self.unit)
 
-    def add(self, blocks: _L0Blocks, values: np.ndarray, base: float = 0.0) -> None:
-        """Add `values` [n] over the blocks' rectangles (each weighted by its fraction of a square) and
-        `base` everywhere."""
-        self.base += base
-        self.corners.append(blocks.corners.ravel())
-        values = values * blocks.fraction
-        self.weights.append(np.concatenate([values, -values, -values, values]))
-
-    def read(self) -> np.ndarray:
-        """The per-cell mean of what was added, float32 [cells]."""
+    def fill(self, blocks: _L0Blocks | None, values: np.ndarray | None = None, base: float = 0.0) -> np.ndarray:
+        """Per cell, float32 [cells]: the mean over its squares of `values` [n] filled over the blocks'
+        rectangles (each weighted by its fraction of a square), plus `base` everywhere."""
         rows, cols = self.grid
-        if self.corners:
-            diff = np.bincount(np.concatenate(self.corners), np.concatenate(self.weights),
+        squares = np.zeros((self.cells[0] * self.k, self.cells[1] * self.k))
+        if blocks is not None:
+            values = values * blocks.fraction
+            diff = np.bincount(blocks.corners.ravel(), np.concatenate([values, -values, -values, values]),
                                minlength=(rows + 1) * (cols + 1)).reshape(rows + 1, cols + 1)
-            squares = diff.cumsum(0).cumsum(1)[:rows, :cols]
-        else:
-            squares = np.zeros(self.grid)
-        padded = np.zeros((self.cells[0] * self.k, self.cells[1] * self.k))
-        padded[:rows, :cols] = squares
-        return (self._pool(padded) / self.squares_per_cell + self.base).astype(np.float32)
+            squares[:rows, :cols] = diff.cumsum(0).cumsum(1)[:rows, :cols]
+        return (self._pool(squares) / self.squares_per_cell + base).astype(np.float32)
 
     def _pool(self, squares: np.ndarray) -> np.ndarray:
         if self.k == 1:
             return squares
         return squares.reshape(self.cells[0], self.k, self.cells[1], self.k).sum(axis=(1, 3))
+
+
+def _motion_cells(canvas: _BlockCanvas, blocks: _L0Blocks | None) -> tuple[np.ndarray, np.ndarray]:
+    if blocks is None:
+        return canvas.fill(None), canvas.fill(None)
+    return canvas.fill(blocks, blocks.motion.real), canvas.fill(blocks, blocks.motion.imag)
+
+
+def _camera_free_cells(canvas: _BlockCanvas, blocks: _L0Blocks | None) -> np.ndarray:
+    """Per cell, the camera-free motion magnitude summed over the frames of `blocks` (`_L0Blocks.camera_free`);
+    frames without L0 blocks add nothing. The hot path of the selection."""
+    if blocks is None:
+        return canvas.fill(None)
+    base, values = blocks.camera_free(canvas.grid)
+    return canvas.fill(blocks, values, base)
+
+
+def _canvas_and_blocks(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int):
+    canvas = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
+    return canvas, canvas.blocks([mvs])
 
 
 def motion_cells(
@@ -417,31 +422,14 @@ def motion_cells(
     """Per-cell L0 (past-reference) motion (vx, vy) in decoded pixels: each block fills the cells it covers
     (the mean where a cell holds several), cells without a past-referencing block (intra) stay zero.
     Sub-pel units divided out by motion_scale. cell_shape is that of a frame `cell * cell_shape` pixels."""
-    canvas_x = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
-    canvas_y = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
-    blocks = canvas_x.blocks([mvs])
-    if blocks is not None:
-        canvas_x.add(blocks, blocks.motion.real)
-        canvas_y.add(blocks, blocks.motion.imag)
-    return canvas_x.read(), canvas_y.read()
+    return _motion_cells(*_canvas_and_blocks(mvs, cell_shape, cell))
 
 
 def camera_free_motion(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int = CELL) -> np.ndarray:
     """Per-cell |v - median(v)| of the frame's L0 motion (`_camera_free_magnitude(*motion_cells(...))`), with
     the per-component medians taken over the blocks weighted by the area they cover, cells without an L0
     block counting as still: a thousand blocks a frame instead of every cell."""
-    canvas = _BlockCanvas(cell_shape[0] * cell, cell_shape[1] * cell, cell)
-    _add_camera_free(canvas, [mvs])
-    return canvas.read()
-
-
-def _add_camera_free(canvas: _BlockCanvas, vectors: list[np.ndarray | None]) -> None:
-    """Add the camera-free motion magnitude of some frames (their motion vectors, one array per frame) to
-    `canvas`; frames without L0 blocks add nothing. The hot path of the selection."""
-    blocks = canvas.blocks(vectors)
-    if blocks is not None:
-        base, values = blocks.camera_free(canvas.grid)
-        canvas.add(blocks, values, base)
+    return _camera_free_cells(*_canvas_and_blocks(mvs, cell_shape, cell))
 
 
 @lru_cache(maxsize=4)
@@ -696,9 +684,10 @@ def _own_motion(bitstream: bool, vectors, luma, previous_luma, anchor_distance: 
     if previous_luma is None:
         return None, None
     if bitstream:
-        vx, vy = motion_cells(vectors, luma.shape, cell)
+        canvas, blocks = _canvas_and_blocks(vectors, luma.shape, cell)  # worked out once for both maps
+        vx, vy = _motion_cells(canvas, blocks)
         d = max(1, anchor_distance)
-        return camera_free_motion(vectors, luma.shape, cell), (vx / d, vy / d)
+        return _camera_free_cells(canvas, blocks), (vx / d, vy / d)
     vx, vy = block_motion(previous_luma, luma, cell=cell)
     return _camera_free_magnitude(vx, vy), (vx, vy)
 
