@@ -241,6 +241,11 @@ def _check_batch(name: str, tensor: torch.Tensor, batch: int) -> None:
         raise ValueError(f"{name} has batch size {tensor.shape[0]} but pixel_values has {batch}")
 
 
+def _shape_or_type(value) -> tuple | type:
+    """What to name in an error about a wrongly shaped argument: its shape, or its type if not a tensor."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+
+
 def _check_integer(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
@@ -311,13 +316,12 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
             raise ValueError("the patch list is empty (pixel_values [B, 0, C*p*p]): nothing to encode")
         if patch_positions is not None:
             if not isinstance(patch_positions, torch.Tensor) or patch_positions.ndim != 3 or patch_positions.shape[-1] != 3:
-                shape = tuple(patch_positions.shape) if isinstance(patch_positions, torch.Tensor) else type(patch_positions)
-                raise ValueError(f"patch_positions must be [B, N, 3] (t, row, col), got {shape}")
+                got = _shape_or_type(patch_positions)
+                raise ValueError(f"patch_positions must be [B, N, 3] (t, row, col), got {got}")
             _check_batch("patch_positions", patch_positions, b)
         if visible_indices is not None:
             if not isinstance(visible_indices, torch.Tensor) or visible_indices.ndim != 2:
-                shape = tuple(visible_indices.shape) if isinstance(visible_indices, torch.Tensor) else type(visible_indices)
-                raise ValueError(f"visible_indices must be [B, N], got {shape}")
+                raise ValueError(f"visible_indices must be [B, N], got {_shape_or_type(visible_indices)}")
             _check_integer("visible_indices", visible_indices)
             if visible_indices.shape[1] == 0:
                 raise ValueError("visible_indices is empty ([B, 0]): nothing to encode")
@@ -445,8 +449,8 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         if attention_mask is None:
             return None, None
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (b, n):
-            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
-            raise ValueError(f"attention_mask must be [B, N] = ({b}, {n}) like the tokens, got {shape}")
+            got = _shape_or_type(attention_mask)
+            raise ValueError(f"attention_mask must be [B, N] = ({b}, {n}) like the tokens, got {got}")
         keep = attention_mask.to(device=device) != 0
         if not bool(keep.any(dim=1).all()):
             raise ValueError("attention_mask has a row with no real token (all zeros)")
