@@ -19,6 +19,7 @@ import csv
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch.utils.data import Dataset
@@ -186,14 +187,10 @@ class Preprocessing:
                          path=path)
 
 
-_PROCESSORS: dict[int, object] = {}
-
-
+@lru_cache(maxsize=None)
 def _image_processor(size: int):
     """One processor per size and process: building one per image would dominate small images."""
-    if size not in _PROCESSORS:
-        _PROCESSORS[size] = image_processor(size)
-    return _PROCESSORS[size]
+    return image_processor(size)
 
 
 @dataclass
