@@ -62,6 +62,8 @@ def test_resize_frames_crop_and_letterbox():
         resize_frames(frames, 56, mode="stretch")
     with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
         resize_frames(frames[0], 56)
+    with pytest.raises(ValueError, match="uint8"):
+        resize_frames(frames / 255.0, 56)
 
 
 def test_collate_pads_and_checks():

@@ -194,6 +194,8 @@ def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[t
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
+    if frames.dtype != np.uint8:  # floats would be cut to 0/1 by the uint8 resampling, silently
+        raise ValueError(f"frames must be uint8 (0..255, as decoders give them), got {frames.dtype}")
     plan = SquarePlan.for_picture(frames.shape[1], frames.shape[2], size, mode)
     squares = torch.empty(len(frames), 3, size, size, dtype=torch.uint8)
     for frame, square in zip(frames, squares):
