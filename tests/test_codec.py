@@ -441,7 +441,7 @@ def test_motion_summed_on_its_own_thread_equals_summing_inline(videos, monkeypat
     path = videos["pan"]["path"]
     threaded = scan_video(path, policy="balanced")
     make = codec._MotionSince.__init__
-    monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, canvas, threaded: make(self, canvas, False))
+    monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, *args, threaded: make(self, *args, threaded=False))
     inline = scan_video(path, policy="balanced")
     np.testing.assert_array_equal(threaded.motion_since, inline.motion_since)
     assert threaded.motion_since[1:].max() > 0
@@ -457,7 +457,15 @@ def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_pat
         canvas = _BlockCanvas(H, W, cell)
         together = _camera_free_cells(canvas, canvas.blocks(vectors))
         each = sum(camera_free_motion(v, shape, cell) for v in vectors)
-        np.testing.assert_allclose(together, each, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(together[0], each, rtol=1e-5, atol=1e-3)
+        # in groups (intervals between sampled frames), each group's sum of its own frames
+        kept = [v for v in vectors if v is not None]
+        group = np.arange(len(kept)) % 3
+        grouped = _camera_free_cells(canvas, canvas.blocks(kept), group, 4)
+        assert grouped.shape == (4, *shape) and not grouped[3].any()  # a group without frames stays still
+        for g in range(3):
+            own = sum(camera_free_motion(v, shape, cell) for v, i in zip(kept, group) if i == g)
+            np.testing.assert_allclose(grouped[g], own, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("codec", ["h264", "hevc"])
