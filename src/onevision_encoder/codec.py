@@ -225,9 +225,10 @@ class _MotionSince:
     """Camera-free motion summed over each interval between sampled frames (`_BlockCanvas`), written to
     `out[slot]` on the working grid in model pixels. Each interval's vectors are gathered as decoding goes
     and worked out `batch` intervals at a time: the work is a few dozen NumPy calls whatever their size,
-    and one interval at a time spent most of the time on the calls (2.4x slower at 640x360, measured). Runs on one
-    worker thread of its own when `threaded`, while the main thread waits on the decoder (which releases
-    the GIL); one thread keeps the writes in order. Holds the vectors of at most `batch` intervals."""
+    and one interval at a time spent most of the time on the calls (2.4x slower at 640x360, measured).
+    Runs on one worker thread of its own when `threaded`, while the main thread waits on the decoder
+    (which releases the GIL); one thread keeps the writes in order. Holds the vectors of at most `batch`
+    intervals."""
 
     def __init__(self, canvas: _BlockCanvas, wmap: "_WorkMap", out: np.ndarray, threaded: bool, batch: int = 8):
         self.canvas, self.wmap, self.out, self.batch = canvas, wmap, out, batch
@@ -634,7 +635,8 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
                 cell = wmap.cell
                 canvas = _BlockCanvas(frame.height, frame.width, cell)
-                accumulated = _MotionSince(canvas, wmap, maps["since"], threaded=since_maps and bitstream and workers > 0)
+                threaded = since_maps and bitstream and workers > 0
+                accumulated = _MotionSince(canvas, wmap, maps["since"], threaded=threaded)
                 squares = _SquareFrames(wmap, num_frames, workers)
             is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
             luma = luma_cells(frame, cell, wmap.gray) if motion and number in needed else None
