@@ -116,9 +116,6 @@ class _WorkMap:
     rows: np.ndarray
     cols: np.ndarray
     valid: np.ndarray
-    # One scaler reused for every frame: a fresh FFmpeg scaler context per frame (what `frame.to_ndarray`
-    # makes) cost 4-10x more than the conversion itself in the decoding loop.
-    gray: VideoReformatter = field(default_factory=VideoReformatter, repr=False)
 
     @property
     def scale(self) -> float:
@@ -158,13 +155,14 @@ def _submit(pool: ThreadPoolExecutor | None, fn, *args, **kwargs) -> Future:
 
 
 class _SquareFrames:
-    """Puts the sampled frames on the model's square in worker threads while decoding goes on (`pool` also
-    takes the block matching of codecs without motion vectors).
+    """Puts the sampled frames on the model's square, and measures frames' luma cells, in worker threads
+    while decoding goes on (`pool` also takes the block matching of codecs without motion vectors).
 
     The RGB conversion and the resize release the GIL and, on small videos, cost about as much as decoding
-    every frame: done in turn with decoding they added their whole time to the selection. Each worker runs
-    torch on one thread (torch's thread count is per calling thread; more oversubscribed the cores). At most
-    `ahead` decoded frames wait, so memory stays bounded by the sampled frames at the working resolution."""
+    every frame: done in turn with decoding they added their whole time to the selection; the luma cells,
+    in the decoding thread, cost it 0.3 ms a frame at 640x360. Each worker runs torch on one thread
+    (torch's thread count is per calling thread; more oversubscribed the cores). At most `ahead` decoded
+    frames wait, so memory stays bounded by the sampled frames at the working resolution."""
 
     def __init__(self, wmap: _WorkMap, num_frames: int, workers: int, ahead: int = 8):
         self.wmap, self.ahead = wmap, ahead
@@ -176,7 +174,9 @@ class _SquareFrames:
         # torch's intra-op threads are per calling thread: one each, or the workers oversubscribe the cores.
         # No workers: everything runs in the calling thread as it is submitted.
         self.pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers else None
-        self.local = threading.local()  # one FFmpeg scaler per thread: they are not thread-safe
+        # One FFmpeg scaler per kind and thread, reused for every frame: they are not thread-safe, and a
+        # fresh scaler context per frame (what `frame.to_ndarray` makes) cost 4-10x the conversion itself.
+        self.local = threading.local()
         self.pending: deque = deque()
         self.filled = np.zeros(num_frames, bool)
 
@@ -184,9 +184,13 @@ class _SquareFrames:
         return _submit(self.pool, fn, *args, **kwargs)
 
     def put(self, frame, slots: list[int]) -> None:
-        self.pending.append((slots, self.submit(self._square, frame, slots[0])))
-        while len(self.pending) > self.ahead:
-            self._finish_oldest()
+        self._wait_behind(slots, self.submit(self._square, frame, slots[0]))
+
+    def luma(self, frame, cell: int) -> Future:
+        """`luma_cells(frame, cell)`, to come."""
+        job = self.submit(self._luma, frame, cell)
+        self._wait_behind([], job)
+        return job
 
     def finish(self) -> np.ndarray | None:
         """Wait for every frame. A slot whose frame never came (the stream ended early, or the decoder dropped
@@ -209,13 +213,26 @@ class _SquareFrames:
             self.pool.shutdown(cancel_futures=True)
 
     def _square(self, frame, slot: int) -> None:
-        if not hasattr(self.local, "rgb"):
-            self.local.rgb = VideoReformatter()
-        self.wmap.plan.place(self.wmap.picture(frame, self.local.rgb), self.pictures[slot])
+        self.wmap.plan.place(self.wmap.picture(frame, self._scaler("rgb")), self.pictures[slot])
+
+    def _luma(self, frame, cell: int) -> np.ndarray:
+        return luma_cells(frame, cell, self._scaler("gray"))
+
+    def _scaler(self, kind: str) -> VideoReformatter:
+        if not hasattr(self.local, kind):
+            setattr(self.local, kind, VideoReformatter())
+        return getattr(self.local, kind)
+
+    def _wait_behind(self, slots: list[int], job: Future) -> None:
+        self.pending.append((slots, job))
+        while len(self.pending) > self.ahead:
+            self._finish_oldest()
 
     def _finish_oldest(self) -> None:
         slots, job = self.pending.popleft()
         job.result()
+        if not slots:
+            return
         for slot in slots[1:]:  # a frame sampled for several slots
             self.pictures[slot] = self.pictures[slots[0]]
         self.filled[slots] = True
@@ -232,7 +249,8 @@ class _MotionSince:
 
     def __init__(self, canvas: _BlockCanvas, wmap: "_WorkMap", out: np.ndarray, threaded: bool, batch: int = 8):
         self.canvas, self.wmap, self.out, self.batch = canvas, wmap, out, batch
-        self.pool = ThreadPoolExecutor(1) if threaded else None
+        # torch on one thread in it too (its block filling), or OpenMP teams oversubscribe the cores
+        self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) if threaded else None
         self.jobs: deque = deque()
         self.vectors: list[np.ndarray] = []  # of the interval going on
         self.intervals: list[tuple[int, list[np.ndarray]]] = []  # (slot, vectors) ended, not worked out yet
@@ -499,6 +517,12 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
     return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
 
 
+def _block_motion_of(previous: Future, current: Future, cell: int):
+    """`block_motion` of two frames' luma cells still being measured (in the same worker pool, submitted
+    earlier: taken first, so they finish)."""
+    return block_motion(previous.result(), current.result(), cell=cell)
+
+
 def _camera_free_magnitude(vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
     """|v - median(v)| per cell: the per-component median over the frame stands for camera motion."""
     return np.hypot(vx - np.median(vx), vy - np.median(vy))
@@ -623,6 +647,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
     decoded = 0
     needed = slots_of.keys() | needed_before
     matches = []  # (slot, block matching running in a worker)
+    changes = []  # (slot, luma of the previous sampled frame, luma of this one), Futures
     stream = video.frames(motion and bitstream, needed.__contains__, info.presentation_numbers)
     try:
         for number, frame in stream:
@@ -639,7 +664,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 accumulated = _MotionSince(canvas, wmap, maps["since"], threaded=threaded)
                 squares = _SquareFrames(wmap, num_frames, workers)
             is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
-            luma = luma_cells(frame, cell, wmap.gray) if motion and number in needed else None
+            luma = squares.luma(frame, cell) if motion and number in needed else None  # a Future
             vectors = motion_vectors(frame) if motion and bitstream else None
             # Motion since the previous sample: each I/P frame is predicted from the I/P frame before it, so
             # their vectors chain over the interval once; B-frames (which point back to the same I/P frame,
@@ -650,16 +675,16 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 slots = slots_of[number]
                 squares.put(frame, slots)
                 first = slots[0]
-                if own_maps and number > 0:
-                    own, own_v = _own_motion(bitstream, vectors, luma, previous_luma, number - last_anchor, cell)
-                    if own is not None:
-                        maps["own"][first] = wmap(own) * wmap.scale
-                        maps["res"][first] = wmap(np.abs(luma - _warp_cells(previous_luma, *own_v, cell)))
+                if own_maps and number > 0 and previous_luma is not None:
+                    this, before = luma.result(), previous_luma.result()
+                    own, own_v = _own_motion(bitstream, vectors, this, before, number - last_anchor, cell)
+                    maps["own"][first] = wmap(own) * wmap.scale
+                    maps["res"][first] = wmap(np.abs(this - _warp_cells(before, *own_v, cell)))
                 since = since_maps and number > 0 and sampled_luma is not None
                 if since:
+                    changes.append((first, sampled_luma, luma))
                     if not bitstream:  # no bitstream motion: match against the previous sampled frame, in a worker
-                        matches.append((first, squares.submit(block_motion, sampled_luma, luma, cell=cell)))
-                    maps["change"][first] = wmap(np.abs(luma - sampled_luma))
+                        matches.append((first, squares.submit(_block_motion_of, sampled_luma, luma, cell)))
                 accumulated.end_interval(first if since and bitstream else None)
                 sampled_luma = luma
             if is_anchor:  # the reference of the frames that follow
@@ -670,6 +695,10 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             raise VideoDecodeError(path, "none of the sampled frames could be decoded")
         pictures, geometry = squares.pictures, wmap.plan.geometry
         accumulated.finish()
+        if changes:  # all at once: one set of NumPy calls
+            slots, before, after = zip(*changes)
+            lumas = [np.stack([f.result() for f in futures]) for futures in (before, after)]
+            maps["change"][list(slots)] = wmap(np.abs(lumas[1] - lumas[0]))
         for first, match in matches:
             maps["since"][first] = wmap(_camera_free_magnitude(*match.result())) * wmap.scale
     finally:
@@ -702,10 +731,8 @@ def _own_motion(bitstream: bool, vectors, luma, previous_luma, anchor_distance: 
 
     From its motion vectors when the codec has them (none on intra frames: zero motion), the vectors
     divided by the distance to their reference for the warp; otherwise from block matching against the
-    previous decoded frame. (None, None) when there is no previous frame's luma.
+    previous decoded frame.
     """
-    if previous_luma is None:
-        return None, None
     if bitstream:
         canvas, blocks = _canvas_and_blocks(vectors, luma.shape, cell)  # worked out once for both maps
         vx, vy = _motion_cells(canvas, blocks)
