@@ -1,14 +1,21 @@
 """Codec-style selection: speed against decoding alone, and information kept (replenishment PSNR).
 
-    python benchmarks/bench_selection.py [VIDEO ...]
+    python benchmarks/bench_selection.py [--sizes 640x360,1280x720] [VIDEO ...]
 
-Generates moving/deforming objects with a still stretch, and a camera pan, in H.264 and HEVC (plus any
-videos given), then for each: selection time / decode-only time (PyAV, all frames, same threading), and
-the time of `sample_frames` for the same 64 frames (decoding plus resizing, what any frame-sampling
-pipeline pays: the difference to the selection is the cost of the motion analysis), and the replenishment
-PSNR of uniform whole frames, "reference" and the default policy at K = 2048 and 4096 of
-64x256. Last line: `select_vs_decode=X.XX psnr_gain_db=Y.YY` (default policy vs uniform frames, K=2048,
-averaged over the videos; select_vs_decode is the median ratio).
+Generates moving/deforming objects with a still stretch, and a camera pan, in H.264 and HEVC at each size,
+plus one 640x360 H.264 clip with two slices a frame (plus any videos given), then for each: selection time /
+decode-only time (PyAV, all frames, same threading), the time of `sample_frames` for the same 64 frames
+(decoding plus resizing, what any frame-sampling pipeline pays: the difference to the selection is the cost
+of the motion analysis), and the replenishment PSNR of uniform whole frames, "reference" and the default
+policy at K = 2048 and 4096 of 64x256. Last line: `select_vs_decode=X.XX psnr_gain_db=Y.YY` (default policy
+vs uniform frames, K=2048, averaged over the videos; select_vs_decode is the median ratio over all of them).
+
+Slices matter to the speed ratio: with slice threading (what both sides use) a frame of one slice decodes on
+one core, and the selection's own work (resizing, motion) runs on the others beside it; a frame of several
+slices decodes on several cores, and that work has to share them. The H.264 clips have one slice a frame, as
+the ffmpeg command line writes by default (x264 frame threading); the "-2slices" clip is written the way
+PyAV's encoder does by default (x264 slice threading, one slice per encoder thread), the harder case. It is a
+pan, where codec selection gains least: it does not raise the PSNR average.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ BUDGETS = (2048, 4096)
 # grain. The tests' "ultrafast" files skip most of that and decode several times faster than real video,
 # which would make any per-frame work look expensive next to decoding.
 REALISTIC_ENCODING = dict(preset="medium", grain=2.0)
+ONE_SLICE = {"x264-params": "sliced-threads=0"}  # x264's frame threading: one slice a frame
+TWO_SLICES = {"x264-params": "sliced-threads=1:threads=2"}
 
 
 def decode_only_seconds(path: str) -> float:
@@ -86,28 +95,39 @@ def measure(path: str) -> dict:
     return {"decode": decode, "select": select, "sample": sample, "psnr": psnr, "motion": scan.motion_source, "frames": scan.total_frames}
 
 
+def generated_clips(sizes: list[str]):
+    """(name, `write_video` options) of the generated clips: both scenes in both codecs at each size "WxH",
+    H.264 with one slice a frame; then the two-slice H.264 clip."""
+    for size in sizes:
+        width, height = map(int, size.split("x"))
+        for codec in ("h264", "hevc"):
+            for scene in ("objects", "pan"):
+                options = dict(codec=codec, scene=scene, width=width, height=height)
+                yield f"{scene}-{codec}-{height}p", {**options, **(ONE_SLICE if codec == "h264" else {})}
+    yield "pan-h264-360p-2slices", dict(codec="h264", scene="pan", width=640, height=360, **TWO_SLICES)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("videos", nargs="*", help="real clips to add to the generated ones")
+    parser.add_argument("--sizes", default="640x360,1280x720", help="sizes of the generated clips, WxH,...")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         videos = {}
-        for codec in ("h264", "hevc"):
-            for scene in ("objects", "pan"):
-                name = f"{scene}-{codec}"
-                print(f"writing {name} ...", file=sys.stderr)
-                videos[name] = write_video(os.path.join(tmp, f"{name}.mp4"), codec=codec, scene=scene,
-                                           num_frames=240, width=640, height=360, **REALISTIC_ENCODING)["path"]
+        for name, options in generated_clips(args.sizes.split(",")):
+            print(f"writing {name} ...", file=sys.stderr)
+            videos[name] = write_video(os.path.join(tmp, f"{name}.mp4"), num_frames=240, **REALISTIC_ENCODING,
+                                       **options)["path"]
         videos.update({os.path.basename(v): v for v in args.videos})
         results = {name: measure(path) for name, path in videos.items()}
 
-    print(f"{'video':<22}{'frames':>7}{'motion':>16}{'decode s':>10}{'sample s':>10}{'select s':>10}{'ratio':>7}", end="")
+    print(f"{'video':<26}{'frames':>7}{'motion':>16}{'decode s':>10}{'sample s':>10}{'select s':>10}{'ratio':>7}", end="")
     for budget in BUDGETS:
         print(f"{'uniform':>10}{'ref':>8}{DEFAULT_POLICY[:8]:>10}", end="")
     print("   (replenishment PSNR dB at K=" + ", ".join(map(str, BUDGETS)) + ")")
     for name, r in results.items():
-        print(f"{name:<22}{r['frames']:>7}{r['motion']:>16}{r['decode']:>10.3f}{r['sample']:>10.3f}{r['select']:>10.3f}"
+        print(f"{name:<26}{r['frames']:>7}{r['motion']:>16}{r['decode']:>10.3f}{r['sample']:>10.3f}{r['select']:>10.3f}"
               f"{r['select'] / r['decode']:>7.2f}", end="")
         for budget in BUDGETS:
             p = r["psnr"]

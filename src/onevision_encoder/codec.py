@@ -517,10 +517,15 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
     return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
 
 
-def _block_motion_of(previous: Future, current: Future, cell: int):
-    """`block_motion` of two frames' luma cells still being measured (in the same worker pool, submitted
-    earlier: taken first, so they finish)."""
-    return block_motion(previous.result(), current.result(), cell=cell)
+def _luma_change(previous: Future, current: Future, wmap: "_WorkMap") -> np.ndarray:
+    """|Y_t - Y_s| on the working grid, of two frames' luma cells still being measured (as below)."""
+    return wmap(np.abs(current.result() - previous.result()))
+
+
+def _camera_free_block_motion(previous: Future, current: Future, cell: int) -> np.ndarray:
+    """Camera-free magnitude of the `block_motion` between two frames' luma cells still being measured (in
+    the same worker pool, submitted earlier: taken first, so they finish)."""
+    return _camera_free_magnitude(*block_motion(previous.result(), current.result(), cell=cell))
 
 
 def _camera_free_magnitude(vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
@@ -646,8 +651,8 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
     last_anchor = 0  # display number of the last I/P frame: the usual reference of the frames after it
     decoded = 0
     needed = slots_of.keys() | needed_before
-    matches = []  # (slot, block matching running in a worker)
-    changes = []  # (slot, luma of the previous sampled frame, luma of this one), Futures
+    matches = []  # (slot, camera-free block matching running in a worker)
+    changes = []  # (slot, luma change since the previous sampled frame being measured in a worker)
     stream = video.frames(motion and bitstream, needed.__contains__, info.presentation_numbers)
     try:
         for number, frame in stream:
@@ -682,9 +687,9 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                     maps["res"][first] = wmap(np.abs(this - _warp_cells(before, *own_v, cell)))
                 since = since_maps and number > 0 and sampled_luma is not None
                 if since:
-                    changes.append((first, sampled_luma, luma))
+                    changes.append((first, squares.submit(_luma_change, sampled_luma, luma, wmap)))
                     if not bitstream:  # no bitstream motion: match against the previous sampled frame, in a worker
-                        matches.append((first, squares.submit(_block_motion_of, sampled_luma, luma, cell)))
+                        matches.append((first, squares.submit(_camera_free_block_motion, sampled_luma, luma, cell)))
                 accumulated.end_interval(first if since and bitstream else None)
                 sampled_luma = luma
             if is_anchor:  # the reference of the frames that follow
@@ -695,12 +700,11 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             raise VideoDecodeError(path, "none of the sampled frames could be decoded")
         pictures, geometry = squares.pictures, wmap.plan.geometry
         accumulated.finish()
-        if changes:  # all at once: one set of NumPy calls
-            slots, before, after = zip(*changes)
-            lumas = [np.stack([f.result() for f in futures]) for futures in (before, after)]
-            maps["change"][list(slots)] = wmap(np.abs(lumas[1] - lumas[0]))
-        for first, match in matches:
-            maps["since"][first] = wmap(_camera_free_magnitude(*match.result())) * wmap.scale
+        for first, job in changes:
+            maps["change"][first] = job.result()
+        if matches:
+            slots, jobs = zip(*matches)
+            maps["since"][list(slots)] = wmap(np.stack([job.result() for job in jobs])) * wmap.scale
     finally:
         stream.close()
         if squares is not None:
