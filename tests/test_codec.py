@@ -447,6 +447,18 @@ def test_motion_summed_on_its_own_thread_equals_summing_inline(videos, monkeypat
     assert threaded.motion_since[1:].max() > 0
 
 
+def test_motion_worked_out_in_batches_of_intervals_equals_one_interval_at_a_time(videos, monkeypatch):
+    from onevision_encoder import codec
+
+    path = videos["pan"]["path"]
+    batched = scan_video(path, policy="balanced")
+    make = codec._MotionSince.__init__
+    monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, *args, **kw: make(self, *args, **kw, batch=1))
+    single = scan_video(path, policy="balanced")
+    np.testing.assert_allclose(batched.motion_since, single.motion_since, rtol=1e-5, atol=1e-4)
+    assert (batched.motion_since[1:].reshape(63, -1).max(1) > 0).mean() > 0.9  # (nearly) every interval moved
+
+
 def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_path):
     from onevision_encoder.codec import _BlockCanvas, _camera_free_cells
 
