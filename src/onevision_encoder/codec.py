@@ -3,8 +3,8 @@
 One streaming decode pass (`scan_video`) samples `num_frames` frames at `linspace(0, N-1, num_frames)` and,
 while decoding, turns the bitstream's motion vectors and the decoded luma into per-pixel maps at a small
 working resolution (4x4 work pixels per patch). Frames nobody needs are not decoded when nothing is
-predicted from them (most B-frames), and worker threads resize the sampled frames while decoding goes on.
-`patch_scores` turns the maps into per-patch scores with a
+predicted from them (most B-frames), and worker threads resize the sampled frames, measure their luma and
+work out the motion while decoding goes on. `patch_scores` turns the maps into per-patch scores with a
 policy, `choose_patches` keeps frame 0 whole plus a global top-K, and `select_patches` packs the kept
 patches into the model's patch-list form (`CodecClip`).
 
