@@ -670,11 +670,12 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 squares = _SquareFrames(wmap, num_frames, workers)
             is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
             luma = squares.luma(frame, cell) if motion and number in needed else None  # a Future
-            vectors = motion_vectors(frame) if motion and bitstream else None
             # Motion since the previous sample: each I/P frame is predicted from the I/P frame before it, so
             # their vectors chain over the interval once; B-frames (which point back to the same I/P frame,
             # and may not even be decoded) add nothing but the sample's own vectors.
-            if vectors is not None and since_maps and (is_anchor or is_sampled):
+            wanted = is_sampled or (since_maps and is_anchor)
+            vectors = motion_vectors(frame) if motion and bitstream and wanted else None
+            if vectors is not None and since_maps:
                 accumulated.add(vectors)
             if is_sampled:
                 slots = slots_of[number]
