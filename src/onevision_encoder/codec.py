@@ -247,7 +247,7 @@ class _MotionSince:
     (which releases the GIL); one thread keeps the writes in order. Holds the vectors of at most `batch`
     intervals."""
 
-    def __init__(self, canvas: _BlockCanvas, wmap: "_WorkMap", out: np.ndarray, threaded: bool, batch: int = 8):
+    def __init__(self, canvas: "_BlockCanvas", wmap: _WorkMap, out: np.ndarray, threaded: bool, batch: int = 8):
         self.canvas, self.wmap, self.out, self.batch = canvas, wmap, out, batch
         # torch on one thread in it too (its block filling), or OpenMP teams oversubscribe the cores
         self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) if threaded else None
@@ -517,14 +517,15 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
     return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
 
 
-def _luma_change(previous: Future, current: Future, wmap: "_WorkMap") -> np.ndarray:
-    """|Y_t - Y_s| on the working grid, of two frames' luma cells still being measured (as below)."""
+def _luma_change(previous: Future, current: Future, wmap: _WorkMap) -> np.ndarray:
+    """|Y_t - Y_s| on the working grid, of two frames' luma cells still being measured (in the same worker
+    pool, submitted earlier: taken first, so they finish)."""
     return wmap(np.abs(current.result() - previous.result()))
 
 
 def _camera_free_block_motion(previous: Future, current: Future, cell: int) -> np.ndarray:
-    """Camera-free magnitude of the `block_motion` between two frames' luma cells still being measured (in
-    the same worker pool, submitted earlier: taken first, so they finish)."""
+    """Camera-free magnitude of the `block_motion` between two frames' luma cells still being measured (as
+    in `_luma_change`)."""
     return _camera_free_magnitude(*block_motion(previous.result(), current.result(), cell=cell))
 
 
