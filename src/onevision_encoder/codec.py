@@ -145,6 +145,12 @@ class _WorkMap:
         return np.where(self.valid, display[..., self.rows[:, None], self.cols[None, :]], 0).astype(np.float32)
 
 
+def _worker_pool(workers: int) -> ThreadPoolExecutor | None:
+    """`workers` threads running torch on one thread each (torch's intra-op threads are per calling thread:
+    more, and OpenMP teams oversubscribe the cores); None for none (`_submit` then runs jobs inline)."""
+    return ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers else None
+
+
 def _submit(pool: ThreadPoolExecutor | None, fn, *args, **kwargs) -> Future:
     """`pool.submit(fn, ...)`, or with no pool, `fn(...)` run now in the calling thread: a Future either way."""
     if pool is not None:
@@ -160,9 +166,8 @@ class _SquareFrames:
 
     The RGB conversion and the resize release the GIL and, on small videos, cost about as much as decoding
     every frame: done in turn with decoding they added their whole time to the selection; the luma cells,
-    in the decoding thread, cost it 0.3 ms a frame at 640x360. Each worker runs torch on one thread
-    (torch's thread count is per calling thread; more oversubscribed the cores). At most `ahead` decoded
-    frames wait, so memory stays bounded by the sampled frames at the working resolution."""
+    in the decoding thread, cost it 0.3 ms a frame at 640x360. At most `ahead` decoded frames wait, so
+    memory stays bounded by the sampled frames at the working resolution."""
 
     def __init__(self, wmap: _WorkMap, num_frames: int, workers: int, ahead: int = 8):
         self.wmap, self.ahead = wmap, ahead
@@ -171,9 +176,7 @@ class _SquareFrames:
         # under the caller's inference_mode, which worker threads do not inherit (they could not write it).
         with torch.inference_mode(False):
             self.pictures = torch.empty(num_frames, 3, wmap.plan.size, wmap.plan.size, dtype=torch.uint8)
-        # torch's intra-op threads are per calling thread: one each, or the workers oversubscribe the cores.
-        # No workers: everything runs in the calling thread as it is submitted.
-        self.pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers else None
+        self.pool = _worker_pool(workers)
         # One FFmpeg scaler per kind and thread, reused for every frame: they are not thread-safe, and a
         # fresh scaler context per frame (what `frame.to_ndarray` makes) cost 4-10x the conversion itself.
         self.local = threading.local()
@@ -249,8 +252,7 @@ class _MotionSince:
 
     def __init__(self, canvas: "_BlockCanvas", wmap: _WorkMap, out: np.ndarray, threaded: bool, batch: int = 8):
         self.canvas, self.wmap, self.out, self.batch = canvas, wmap, out, batch
-        # torch on one thread in it too (its block filling), or OpenMP teams oversubscribe the cores
-        self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) if threaded else None
+        self.pool = _worker_pool(1 if threaded else 0)
         self.jobs: deque = deque()
         self.vectors: list[np.ndarray] = []  # of the interval going on
         self.intervals: list[tuple[int, list[np.ndarray]]] = []  # (slot, vectors) ended, not worked out yet
@@ -283,9 +285,8 @@ class _MotionSince:
             self.jobs.popleft().result()  # raises a worker's error here
 
     def _work_out(self, intervals: list[tuple[int, list[np.ndarray]]]) -> None:
-        frames = [(i, v) for i, (_, vectors) in enumerate(intervals) for v in vectors if v is not None and len(v)]
-        interval_of_frame = np.array([i for i, _ in frames], np.int64)
-        blocks = self.canvas.blocks([v for _, v in frames])
+        blocks = self.canvas.blocks([v for _, vectors in intervals for v in vectors])
+        interval_of_frame = np.repeat(np.arange(len(intervals)), [len(vectors) for _, vectors in intervals])
         cells = _camera_free_cells(self.canvas, blocks, interval_of_frame, len(intervals))
         self.out[[slot for slot, _ in intervals]] = self.wmap(cells) * self.wmap.scale
 
@@ -327,13 +328,14 @@ class _L0Blocks:
 
     @classmethod
     def of(cls, vectors: list[np.ndarray | None], grid: tuple[int, int], unit: int = MV_GRID) -> "_L0Blocks | None":
-        """The blocks of frames given by their motion vectors (one array per frame, None for none)."""
-        vectors = [v for v in vectors if v is not None and len(v)]
-        if not vectors:
+        """The blocks of frames given by their motion vectors (one array per frame, None for none). Frame i is
+        the i-th array, also when some have no vectors (they count as still); None if none has any."""
+        present = [v for v in vectors if v is not None and len(v)]
+        if not present:
             return None
-        frame = np.repeat(np.arange(len(vectors)), [len(v) for v in vectors])
+        frame = np.repeat(np.arange(len(vectors)), [0 if v is None else len(v) for v in vectors])
         # joined as opaque records: NumPy joins structured arrays field by field, 25x slower
-        mvs = np.concatenate([v.view(f"V{v.dtype.itemsize}") for v in vectors]).view(vectors[0].dtype)
+        mvs = np.concatenate([v.view(f"V{v.dtype.itemsize}") for v in present]).view(present[0].dtype)
         rows, cols = grid
         # Whole-array integer ops, one selection at the end: a boolean mask on the structured array itself
         # cost more than everything else here together.
@@ -517,10 +519,10 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
     return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
 
 
-def _luma_change(previous: Future, current: Future, wmap: _WorkMap) -> np.ndarray:
-    """|Y_t - Y_s| on the working grid, of two frames' luma cells still being measured (in the same worker
-    pool, submitted earlier: taken first, so they finish)."""
-    return wmap(np.abs(current.result() - previous.result()))
+def _luma_change(previous: Future, current: Future) -> np.ndarray:
+    """|Y_t - Y_s| per cell, of two frames' luma cells still being measured (in the same worker pool,
+    submitted earlier: taken first, so they finish)."""
+    return np.abs(current.result() - previous.result())
 
 
 def _camera_free_block_motion(previous: Future, current: Future, cell: int) -> np.ndarray:
@@ -652,8 +654,9 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
     last_anchor = 0  # display number of the last I/P frame: the usual reference of the frames after it
     decoded = 0
     needed = slots_of.keys() | needed_before
-    matches = []  # (slot, camera-free block matching running in a worker)
-    changes = []  # (slot, luma change since the previous sampled frame being measured in a worker)
+    # per map, (slot, its cells being worked out in a worker): the luma change since the previous sample, and
+    # without bitstream motion, the camera-free block matching against it
+    interval_jobs = {"change": [], "since": []}
     stream = video.frames(motion and bitstream, needed.__contains__, info.presentation_numbers)
     try:
         for number, frame in stream:
@@ -689,9 +692,10 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                     maps["res"][first] = wmap(np.abs(this - _warp_cells(before, *own_v, cell)))
                 since = since_maps and number > 0 and sampled_luma is not None
                 if since:
-                    changes.append((first, squares.submit(_luma_change, sampled_luma, luma, wmap)))
-                    if not bitstream:  # no bitstream motion: match against the previous sampled frame, in a worker
-                        matches.append((first, squares.submit(_camera_free_block_motion, sampled_luma, luma, cell)))
+                    interval_jobs["change"].append((first, squares.submit(_luma_change, sampled_luma, luma)))
+                    if not bitstream:
+                        job = squares.submit(_camera_free_block_motion, sampled_luma, luma, cell)
+                        interval_jobs["since"].append((first, job))
                 accumulated.end_interval(first if since and bitstream else None)
                 sampled_luma = luma
             if is_anchor:  # the reference of the frames that follow
@@ -702,11 +706,11 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             raise VideoDecodeError(path, "none of the sampled frames could be decoded")
         pictures, geometry = squares.pictures, wmap.plan.geometry
         accumulated.finish()
-        for first, job in changes:
-            maps["change"][first] = job.result()
-        if matches:
-            slots, jobs = zip(*matches)
-            maps["since"][list(slots)] = wmap(np.stack([job.result() for job in jobs])) * wmap.scale
+        for key, jobs in interval_jobs.items():
+            if jobs:  # onto the working grid all at once (motion in model pixels)
+                slots, cells = zip(*jobs)
+                scale = wmap.scale if key == "since" else 1.0
+                maps[key][list(slots)] = wmap(np.stack([job.result() for job in cells])) * scale
     finally:
         stream.close()
         if squares is not None:
