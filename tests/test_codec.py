@@ -435,28 +435,19 @@ def test_motion_on_16_pixel_cells_is_the_mean_of_the_4_pixel_cells(tmp_path):
     assert small_blocks > 5  # sub-macroblock partitions were there to weigh
 
 
-def test_motion_summed_on_its_own_thread_equals_summing_inline(videos, monkeypatch):
+@pytest.mark.parametrize("setting", [{"threaded": False}, {"batch": 1}], ids=["inline", "one-interval-batches"])
+def test_motion_since_is_the_same_inline_and_one_interval_at_a_time(videos, monkeypatch, setting):
+    """The default (its own thread, 8 intervals a batch) against summing inline, and against batches of one
+    interval (fails if a batch writes its sums to the wrong slots)."""
     from onevision_encoder import codec
 
     path = videos["pan"]["path"]
-    threaded = scan_video(path, policy="balanced")
+    default = scan_video(path, policy="balanced")
     make = codec._MotionSince.__init__
-    monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, *args, threaded: make(self, *args, threaded=False))
-    inline = scan_video(path, policy="balanced")
-    np.testing.assert_array_equal(threaded.motion_since, inline.motion_since)
-    assert threaded.motion_since[1:].max() > 0
-
-
-def test_motion_worked_out_in_batches_of_intervals_equals_one_interval_at_a_time(videos, monkeypatch):
-    from onevision_encoder import codec
-
-    path = videos["pan"]["path"]
-    batched = scan_video(path, policy="balanced")
-    make = codec._MotionSince.__init__
-    monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, *args, **kw: make(self, *args, **kw, batch=1))
-    single = scan_video(path, policy="balanced")
-    np.testing.assert_allclose(batched.motion_since, single.motion_since, rtol=1e-5, atol=1e-4)
-    assert (batched.motion_since[1:].reshape(63, -1).max(1) > 0).mean() > 0.9  # (nearly) every interval moved
+    monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, *args, **kw: make(self, *args, **{**kw, **setting}))
+    other = scan_video(path, policy="balanced")
+    np.testing.assert_array_equal(default.motion_since, other.motion_since)
+    assert (default.motion_since[1:].reshape(63, -1).max(1) > 0).mean() > 0.9  # (nearly) every interval moved
 
 
 def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_path):
