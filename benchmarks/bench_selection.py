@@ -41,7 +41,7 @@ from onevision_encoder.codec import (
     uniform_frames_mask,
 )
 from onevision_encoder.synthetic import write_video
-from onevision_encoder.video import DECODE_THREADING
+from onevision_encoder.video import DECODE_THREADING, VideoDecodeError, probe_video
 
 BUDGETS = (2048, 4096)
 # Encoded as camera footage usually is (x264/x265 "medium": CABAC, deblocking, B-frames) with light sensor
@@ -52,54 +52,59 @@ ONE_SLICE = {"x264-params": "sliced-threads=0"}  # x264's frame threading: one s
 TWO_SLICES = {"x264-params": "sliced-threads=1:threads=2"}
 
 
-def decode_only_seconds(path: str) -> float:
-    """Time to decode every frame with PyAV, same threading as the selection, no conversion."""
-    start = time.perf_counter()
+def decode_all(path: str) -> None:
+    """Decode every frame with PyAV, same threading as the selection, no conversion."""
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = DECODE_THREADING
         for _ in container.decode(stream):
             pass
-    return time.perf_counter() - start
 
 
-def best_of(fn, repeats: int = 3) -> float:
-    """Least wall time of a few runs: the machine is shared, the minimum is the least disturbed."""
-    return min(fn() for _ in range(repeats))
+def best_seconds(fn, *args, repeats: int = 3, **kwargs) -> float:
+    """Least wall time of a few calls: the machine is shared, the minimum is the least disturbed."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def measure(path: str) -> dict:
-    decode = best_of(lambda: decode_only_seconds(path))
-
-    def select_seconds():
-        start = time.perf_counter()
-        select_patches(path, budget=BUDGETS[0])
-        return time.perf_counter() - start
-
-    select = best_of(select_seconds)
-
-    def sample_seconds():  # decoding and resizing the same 64 frames, as any frame-sampling pipeline must
-        start = time.perf_counter()
-        sample_frames(path, num_frames=64)
-        return time.perf_counter() - start
-
-    sample = best_of(sample_seconds)
+    decode = best_seconds(decode_all, path)
+    select = best_seconds(select_patches, path, budget=BUDGETS[0])
+    # decoding and resizing the same 64 frames, as any frame-sampling pipeline must
+    sample = best_seconds(sample_frames, path, num_frames=64)
     scan = scan_video(path)
-    rows = scan.frames.shape[-1] // scan.patch_size
+    frames = scan.frames  # floats, made once: each `scan.frames` converts the uint8 pictures again
+    num_frames, rows = len(frames), frames.shape[-1] // scan.patch_size
     psnr = {}
     for budget in BUDGETS:
-        psnr[("uniform", budget)] = replenishment_psnr(scan.frames, uniform_frames_mask(64, rows, rows, budget), 14)
+        uniform = uniform_frames_mask(num_frames, rows, rows, budget)
+        psnr[("uniform", budget)] = replenishment_psnr(frames, uniform, scan.patch_size)
         for policy in ("reference", DEFAULT_POLICY):
             kept = choose_patches(patch_scores(scan, policy), scan.valid, budget, True, policy == "balanced")
-            psnr[(policy, budget)] = replenishment_psnr(scan.frames, kept, scan.patch_size)
-    return {"decode": decode, "select": select, "sample": sample, "psnr": psnr, "motion": scan.motion_source, "frames": scan.total_frames}
+            psnr[(policy, budget)] = replenishment_psnr(frames, kept, scan.patch_size)
+    return {"decode": decode, "select": select, "sample": sample, "psnr": psnr, "motion": scan.motion_source,
+            "frames": scan.total_frames}
 
 
-def generated_clips(sizes: list[str]):
-    """(name, `write_video` options) of the generated clips: both scenes in both codecs at each size "WxH",
-    H.264 with one slice a frame; then the two-slice H.264 clip."""
-    for size in sizes:
-        width, height = map(int, size.split("x"))
+def frame_sizes(text: str) -> list[tuple[int, int]]:
+    """"640x360,1280x720" -> [(640, 360), (1280, 720)] (argparse type: a bad value is a usage error)."""
+    try:
+        sizes = [tuple(int(n) for n in size.split("x")) for size in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 16 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected sizes WxH[,WxH...] of at least 16x16, got {text!r}")
+    return sizes
+
+
+def generated_clips(sizes: list[tuple[int, int]]):
+    """(name, `write_video` options) of the generated clips: both scenes in both codecs at each (width,
+    height), H.264 with one slice a frame; then the two-slice H.264 clip."""
+    for width, height in sizes:
         for codec in ("h264", "hevc"):
             for scene in ("objects", "pan"):
                 options = dict(codec=codec, scene=scene, width=width, height=height)
@@ -110,12 +115,18 @@ def generated_clips(sizes: list[str]):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("videos", nargs="*", help="real clips to add to the generated ones")
-    parser.add_argument("--sizes", default="640x360,1280x720", help="sizes of the generated clips, WxH,...")
+    parser.add_argument("--sizes", type=frame_sizes, default="640x360,1280x720",
+                        help="sizes of the generated clips, WxH,...")
     args = parser.parse_args()
+    for video in args.videos:  # before minutes of encoding
+        try:
+            probe_video(video)
+        except VideoDecodeError as exc:
+            parser.error(str(exc))
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         videos = {}
-        for name, options in generated_clips(args.sizes.split(",")):
+        for name, options in generated_clips(args.sizes):
             print(f"writing {name} ...", file=sys.stderr)
             videos[name] = write_video(os.path.join(tmp, f"{name}.mp4"), num_frames=240, **REALISTIC_ENCODING,
                                        **options)["path"]
