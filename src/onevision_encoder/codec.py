@@ -617,8 +617,8 @@ def scan_video(
     N comes from the container (`VideoFile.info`); if decoding yields fewer frames than announced, the
     slots past the end repeat the last sampled frame (with no motion). motion=False only samples frames
     (`sample_frames`). policy: measure only what that policy scores (None: both, e.g. to compare them on
-    one scan). Worker threads (resizing, motion sums, block matching) are used when torch may use more than
-    one thread here: not inside a DataLoader worker process, which torch limits to one.
+    one scan). Worker threads (resizing, luma, motion sums, block matching) are used when torch may use
+    more than one thread here: not inside a DataLoader worker process, which torch limits to one.
     """
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
