@@ -133,11 +133,12 @@ class _WorkMap:
         """The decoded frame upright and resampled for the model's square (`SquarePlan.resample`, uint8), the
         same pixels `resize_frames` gives. Converting to RGB at full resolution first matters: letting FFmpeg
         scale and convert 4:2:0 in one step measured 3-9 dB further from the true frames on 640x360 and
-        1280x720."""
-        pixels = rgb.reformat(frame, format="rgb24").to_ndarray()
+        1280x720. RGBA, not RGB: torch's uint8 resampling works on 4 channels, and handing it 3 made it pad
+        every pixel first (a third of the resampling time at 640x360); the alpha channel is dropped after."""
+        pixels = rgb.reformat(frame, format="rgba").to_ndarray()
         if self.turns:
             pixels = np.ascontiguousarray(np.rot90(pixels, self.turns))
-        return self.plan.resample(pixels)
+        return self.plan.resample(pixels)[:3]
 
     def __call__(self, cells: np.ndarray) -> np.ndarray:
         """Cell grid `[..., cells]` -> working grid `[..., work, work]`."""
@@ -186,8 +187,12 @@ class _SquareFrames:
     def submit(self, fn, *args, **kwargs) -> Future:
         return _submit(self.pool, fn, *args, **kwargs)
 
-    def put(self, frame, slots: list[int]) -> None:
-        self._wait_behind(slots, self.submit(self._square, frame, slots[0]))
+    def put(self, frame, slots: list[int], cell: int | None = None) -> Future:
+        """Put a sampled frame on its square; with `cell`, also measure `luma_cells(frame, cell)`, the Future's
+        result (one job for both: each hand-off costs the decoding thread tens of microseconds)."""
+        job = self.submit(self._square, frame, slots[0], cell)
+        self._wait_behind(slots, job)
+        return job
 
     def luma(self, frame, cell: int) -> Future:
         """`luma_cells(frame, cell)`, to come."""
@@ -215,8 +220,9 @@ class _SquareFrames:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
 
-    def _square(self, frame, slot: int) -> None:
+    def _square(self, frame, slot: int, cell: int | None) -> np.ndarray | None:
         self.wmap.plan.place(self.wmap.picture(frame, self._scaler("rgb")), self.pictures[slot])
+        return None if cell is None else self._luma(frame, cell)
 
     def _luma(self, frame, cell: int) -> np.ndarray:
         return luma_cells(frame, cell, self._scaler("gray"))
@@ -307,7 +313,7 @@ def luma_cells(frame, cell: int = CELL, reformatter: VideoReformatter | None = N
 
 @dataclass
 class _L0Blocks:
-    """Some frames' past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares: frame [n]
+    """Some frames' moving past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares: frame [n]
     which of the frames a block belongs to; motion [n] as vx + i*vy in decoded pixels (sub-pel units divided
     out by motion_scale); fraction [n] of a square that a block smaller than one covers (1 otherwise); area
     [n] in squares inside the frame (times the fraction); corners [4, n] flat indices (r0,c0), (r0,c1),
@@ -329,13 +335,22 @@ class _L0Blocks:
     @classmethod
     def of(cls, vectors: list[np.ndarray | None], grid: tuple[int, int], unit: int = MV_GRID) -> "_L0Blocks | None":
         """The blocks of frames given by their motion vectors (one array per frame, None for none). Frame i is
-        the i-th array, also when some have no vectors (they count as still); None if none has any."""
+        the i-th array, also when some have no vectors (they count as still); None if none has a moving block."""
         present = [v for v in vectors if v is not None and len(v)]
         if not present:
             return None
         frame = np.repeat(np.arange(len(vectors)), [0 if v is None else len(v) for v in vectors])
-        # joined as opaque records: NumPy joins structured arrays field by field, 25x slower
-        mvs = np.concatenate([v.view(f"V{v.dtype.itemsize}") for v in present]).view(present[0].dtype)
+        # joined and taken as opaque records: NumPy joins and indexes structured arrays field by field, 10-25x
+        # slower
+        records = f"V{present[0].dtype.itemsize}"
+        mvs = np.concatenate([v.view(records) for v in present]).view(present[0].dtype)
+        # Moving L0 blocks only: a still block adds nothing to any map, and its area counts as still anyway, as
+        # the squares no block covers do (`camera_free`). Most blocks are still where the camera is (90% on
+        # the 640x360 "objects" clip of the benchmark), and everything below then works on a tenth of them.
+        moving = np.flatnonzero((mvs["source"] < 0) & ((mvs["motion_x"] | mvs["motion_y"]) != 0))
+        if len(moving) == 0:
+            return None
+        frame, mvs = frame[moving], mvs.view(records)[moving].view(mvs.dtype)
         rows, cols = grid
         # Whole-array integer ops, one selection at the end: a boolean mask on the structured array itself
         # cost more than everything else here together.
@@ -344,7 +359,7 @@ class _L0Blocks:
         shift = unit.bit_length() - 1  # >> shift: floor division by the unit
         c0, c1 = np.maximum(x0 >> shift, 0), np.minimum((x0 + w + unit - 1) >> shift, cols)
         r0, r1 = np.maximum(y0 >> shift, 0), np.minimum((y0 + h + unit - 1) >> shift, rows)
-        keep = np.flatnonzero((mvs["source"] < 0) & (c1 > c0) & (r1 > r0))
+        keep = np.flatnonzero((c1 > c0) & (r1 > r0))  # inside the frame
         if len(keep) == 0:
             return None
         c0, c1, r0, r1 = c0[keep], c1[keep], r0[keep], r1[keep]
@@ -358,7 +373,8 @@ class _L0Blocks:
 
     def camera_free(self, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """|v - median(v)| of each frame's blocks, the per-component medians of a frame weighted by the area
-        each block covers, grid squares without an L0 block (intra, or outside every block) counting as still.
+        each block covers, grid squares without a moving L0 block (intra, still, or outside every block)
+        counting as still.
         Returns per frame the value of its uncovered squares, |median|, and per block its |v - median| minus
         its frame's |median|."""
         uncovered = np.maximum(grid[0] * grid[1] - np.bincount(self.frame, self.area, self.frames), 0)
@@ -519,15 +535,9 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
     return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
 
 
-def _luma_change(previous: Future, current: Future) -> np.ndarray:
-    """|Y_t - Y_s| per cell, of two frames' luma cells still being measured (in the same worker pool,
-    submitted earlier: taken first, so they finish)."""
-    return np.abs(current.result() - previous.result())
-
-
 def _camera_free_block_motion(previous: Future, current: Future, cell: int) -> np.ndarray:
-    """Camera-free magnitude of the `block_motion` between two frames' luma cells still being measured (as
-    in `_luma_change`)."""
+    """Camera-free magnitude of the `block_motion` between two frames' luma cells (Futures of jobs submitted
+    earlier to the same worker pool: taken first, so they finish)."""
     return _camera_free_magnitude(*block_motion(previous.result(), current.result(), cell=cell))
 
 
@@ -654,9 +664,10 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
     last_anchor = 0  # display number of the last I/P frame: the usual reference of the frames after it
     decoded = 0
     needed = slots_of.keys() | needed_before
-    # per map, (slot, its cells being worked out in a worker): the luma change since the previous sample, and
-    # without bitstream motion, the camera-free block matching against it
-    interval_jobs = {"change": [], "since": []}
+    # (slot, luma cells of the previous sample and of this one, Futures): the luma change since the previous
+    # sample, worked out at the end in one subtraction; without bitstream motion, (slot, the camera-free block
+    # matching between the two, being worked out in a worker)
+    change_pairs, matched = [], []
     stream = video.frames(motion and bitstream, needed.__contains__, info.presentation_numbers)
     try:
         for number, frame in stream:
@@ -673,7 +684,10 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 accumulated = _MotionSince(canvas, wmap, maps["since"], threaded=threaded)
                 squares = _SquareFrames(wmap, num_frames, workers)
             is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
-            luma = squares.luma(frame, cell) if motion and number in needed else None  # a Future
+            # Luma cells (a Future) of the frames a map needs. A sampled frame's are measured in its picture's
+            # job, except for "reference", which needs them at once (its maps are made here, as frames come).
+            separate_luma = motion and number in needed and (own_maps or not is_sampled)
+            luma = squares.luma(frame, cell) if separate_luma else None
             # Motion since the previous sample: each I/P frame is predicted from the I/P frame before it, so
             # their vectors chain over the interval once; B-frames (which point back to the same I/P frame,
             # and may not even be decoded) add nothing but the sample's own vectors.
@@ -683,7 +697,9 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 accumulated.add(vectors)
             if is_sampled:
                 slots = slots_of[number]
-                squares.put(frame, slots)
+                picture = squares.put(frame, slots, cell if motion and not separate_luma else None)
+                if luma is None:
+                    luma = picture  # its result: the luma cells (None without motion)
                 first = slots[0]
                 if own_maps and number > 0 and previous_luma is not None:
                     this, before = luma.result(), previous_luma.result()
@@ -692,10 +708,9 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                     maps["res"][first] = wmap(np.abs(this - _warp_cells(before, *own_v, cell)))
                 since = since_maps and number > 0 and sampled_luma is not None
                 if since:
-                    interval_jobs["change"].append((first, squares.submit(_luma_change, sampled_luma, luma)))
+                    change_pairs.append((first, sampled_luma, luma))
                     if not bitstream:
-                        job = squares.submit(_camera_free_block_motion, sampled_luma, luma, cell)
-                        interval_jobs["since"].append((first, job))
+                        matched.append((first, squares.submit(_camera_free_block_motion, sampled_luma, luma, cell)))
                 accumulated.end_interval(first if since and bitstream else None)
                 sampled_luma = luma
             if is_anchor:  # the reference of the frames that follow
@@ -706,11 +721,14 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             raise VideoDecodeError(path, "none of the sampled frames could be decoded")
         pictures, geometry = squares.pictures, wmap.plan.geometry
         accumulated.finish()
-        for key, jobs in interval_jobs.items():
-            if jobs:  # onto the working grid all at once (motion in model pixels)
-                slots, cells = zip(*jobs)
-                scale = wmap.scale if key == "since" else 1.0
-                maps[key][list(slots)] = wmap(np.stack([job.result() for job in cells])) * scale
+        # onto the working grid all at once (motion in model pixels)
+        if change_pairs:
+            slots, before, after = zip(*change_pairs)
+            change = np.abs(np.stack([f.result() for f in after]) - np.stack([f.result() for f in before]))
+            maps["change"][list(slots)] = wmap(change)
+        if matched:
+            slots, jobs = zip(*matched)
+            maps["since"][list(slots)] = wmap(np.stack([job.result() for job in jobs])) * wmap.scale
     finally:
         stream.close()
         if squares is not None:

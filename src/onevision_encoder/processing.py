@@ -160,8 +160,8 @@ class SquarePlan:
         return FrameGeometry(self.size, self.top, self.left, self.resized_height, self.resized_width)
 
     def resample(self, frame) -> torch.Tensor:
-        """uint8 `[H, W, 3]` (numpy or torch) -> the picture part of the square, uint8 `[3, h, w]`: the whole
-        square for "crop", the resized picture for "letterbox".
+        """uint8 `[H, W, C]` (numpy or torch; RGB, or RGBA, which resamples faster) -> the picture part of the
+        square, uint8 `[C, h, w]`: the whole square for "crop", the resized picture for "letterbox".
 
         Bicubic with antialiasing, through torch's uint8 kernel: it follows PIL's filter (what the CLIP
         image processor uses for images) to within 2 levels on under 1% of the pixels (measured on 144p to
