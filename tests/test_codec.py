@@ -1,6 +1,8 @@
 """Codec-style patch selection on generated videos whose moving regions are known."""
 
 import os
+import sys
+import threading
 
 import av
 import numpy as np
@@ -486,6 +488,23 @@ def test_scan_without_worker_threads_equals_the_threaded_scan(videos, codec):
     assert torch.equal(threaded.pictures, inline.pictures)
     for name in ("own_motion", "residual", "motion_since", "change_since"):
         np.testing.assert_array_equal(getattr(threaded, name), getattr(inline, name))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_worker_threads_run_a_little_below_the_callers_priority():
+    from onevision_encoder.codec import WORKER_NICENESS, _worker_pool
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    pool = _worker_pool(1)
+    try:
+        worker, worker_torch_threads = pool.submit(lambda: (nice(), torch.get_num_threads())).result()
+    finally:
+        pool.shutdown()
+    assert worker == min(19, nice() + WORKER_NICENESS)
+    assert worker > nice() or nice() == 19  # below the caller, unless it is already at the bottom
+    assert worker_torch_threads == 1
 
 
 def test_a_sampled_frame_the_decoder_drops_repeats_the_one_before(videos, monkeypatch):
