@@ -4,7 +4,7 @@
 
 Generates moving/deforming objects with a still stretch, and a camera pan, in H.264 and HEVC at each size,
 plus one 640x360 H.264 clip with two slices a frame (plus any videos given), then for each: selection time /
-decode-only time (PyAV, all frames, same threading), the time of `sample_frames` for the same 64 frames
+decode-only time (PyAV, all frames, same threading; least of 5 runs, the timed calls taking turns), the time of `sample_frames` for the same 64 frames
 (decoding plus resizing, what any frame-sampling pipeline pays: the difference to the selection is the cost
 of the motion analysis), and the replenishment PSNR of uniform whole frames, "reference" and the default
 policy at K = 2048 and 4096 of 64x256. Last line: `select_vs_decode=X.XX psnr_gain_db=Y.YY` (default policy
@@ -61,21 +61,26 @@ def decode_all(path: str) -> None:
             pass
 
 
-def best_seconds(fn, *args, repeats: int = 3, **kwargs) -> float:
-    """Least wall time of a few calls: the machine is shared, the minimum is the least disturbed."""
-    times = []
+def best_seconds(calls: dict, repeats: int = 5) -> dict:
+    """Least wall time of each of `calls` ({name: function}), the calls taking turns: the machine is shared
+    and its speed drifts over minutes, so the minimum is the least disturbed time, and taking turns lets every
+    call meet the same moments (timed one after the other, a slow minute could fall on one side only)."""
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def measure(path: str) -> dict:
-    decode = best_seconds(decode_all, path)
-    select = best_seconds(select_patches, path, budget=BUDGETS[0])
-    # decoding and resizing the same 64 frames, as any frame-sampling pipeline must
-    sample = best_seconds(sample_frames, path, num_frames=64)
+    timed = best_seconds({
+        "decode": lambda: decode_all(path),
+        "select": lambda: select_patches(path, budget=BUDGETS[0]),
+        # decoding and resizing the same 64 frames, as any frame-sampling pipeline must
+        "sample": lambda: sample_frames(path, num_frames=64),
+    })
     scan = scan_video(path)
     frames = scan.frames  # floats, made once: each `scan.frames` converts the uint8 pictures again
     num_frames, rows = len(frames), frames.shape[-1] // scan.patch_size
@@ -86,8 +91,7 @@ def measure(path: str) -> dict:
         for policy in ("reference", DEFAULT_POLICY):
             kept = choose_patches(patch_scores(scan, policy), scan.valid, budget, True, policy == "balanced")
             psnr[(policy, budget)] = replenishment_psnr(frames, kept, scan.patch_size)
-    return {"decode": decode, "select": select, "sample": sample, "psnr": psnr, "motion": scan.motion_source,
-            "frames": scan.total_frames}
+    return {**timed, "psnr": psnr, "motion": scan.motion_source, "frames": scan.total_frames}
 
 
 def frame_sizes(text: str) -> list[tuple[int, int]]:

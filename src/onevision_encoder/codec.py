@@ -805,13 +805,14 @@ def _patch_sums(maps: np.ndarray, patch_size: int) -> torch.Tensor:
     return torch.from_numpy(sums * (patch_size / WORK_PER_PATCH) ** 2)
 
 
+# (`m[valid]` is a copy: the percentile may reorder it in place instead of copying it again)
 def _per_frame_p95(maps: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
-    p95 = np.array([np.percentile(m[valid], 95) for m in maps], np.float32)
+    p95 = np.array([np.percentile(m[valid], 95, overwrite_input=True) for m in maps], np.float32)
     return np.clip(maps / np.maximum(p95, floor)[:, None, None], 0, 1)
 
 
 def _clip_p95(maps: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
-    p95 = float(np.percentile(maps[1:][:, valid], 95)) if len(maps) > 1 else 0.0
+    p95 = float(np.percentile(maps[1:][:, valid], 95, overwrite_input=True)) if len(maps) > 1 else 0.0
     return np.clip(maps / max(p95, floor), 0, 1)
 
 
