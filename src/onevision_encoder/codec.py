@@ -329,9 +329,9 @@ def luma_cells(frame, cell: int = CELL, reformatter: VideoReformatter | None = N
 
 @dataclass
 class _L0Blocks:
-    """Some frames' moving past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares: frame [n]
-    which of the frames a block belongs to; motion [n] as vx + i*vy in decoded pixels (sub-pel units divided
-    out by motion_scale); fraction [n] of a square that a block smaller than one covers (1 otherwise); area
+    """Some frames' moving past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares:
+    frame [n] which of the frames a block belongs to; motion [n] as vx + i*vy in decoded pixels (sub-pel units
+    divided out by motion_scale); fraction [n] of a square that a block smaller than one covers (1 otherwise); area
     [n] in squares inside the frame (times the fraction); corners [4, n] flat indices (r0,c0), (r0,c1),
     (r1,c0), (r1,c1) into a (rows+1) x (cols+1) difference array, so that filling every rectangle is one
     bincount and two cumsums.
@@ -350,8 +350,9 @@ class _L0Blocks:
 
     @classmethod
     def of(cls, vectors: list[np.ndarray | None], grid: tuple[int, int], unit: int = MV_GRID) -> "_L0Blocks | None":
-        """The blocks of frames given by their motion vectors (one array per frame, None for none). Frame i is
-        the i-th array, also when some have no vectors (they count as still); None if none has a moving block."""
+        """The moving blocks of frames given by their motion vectors (one array per frame, None for none).
+        Frame i is the i-th array, also when some have no vectors (they count as still); None if no frame has a
+        moving block."""
         present = [v for v in vectors if v is not None and len(v)]
         if not present:
             return None
@@ -502,8 +503,8 @@ def motion_cells(
 
 def camera_free_motion(mvs: np.ndarray | None, cell_shape: tuple[int, int], cell: int = CELL) -> np.ndarray:
     """Per-cell |v - median(v)| of the frame's L0 motion (`_camera_free_magnitude(*motion_cells(...))`), with
-    the per-component medians taken over the blocks weighted by the area they cover, cells without an L0
-    block counting as still: a thousand blocks a frame instead of every cell."""
+    the per-component medians taken over the blocks weighted by the area they cover, cells without a moving
+    L0 block counting as still: the moving blocks (up to about a thousand a 640x360 frame), not every cell."""
     return _camera_free_cells(*_canvas_and_blocks(mvs, cell_shape, cell))[0]
 
 
