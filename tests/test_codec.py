@@ -437,17 +437,23 @@ def test_motion_on_16_pixel_cells_is_the_mean_of_the_4_pixel_cells(tmp_path):
     assert small_blocks > 5  # sub-macroblock partitions were there to weigh
 
 
-@pytest.mark.parametrize("setting", [{"threaded": False}, {"batch": 1}], ids=["inline", "one-interval-batches"])
+@pytest.mark.parametrize("setting", ["inline", "one-interval-batches", "several-threads"])
 def test_motion_since_is_the_same_inline_and_one_interval_at_a_time(videos, monkeypatch, setting):
-    """The default (its own thread, 8 intervals a batch) against summing inline, and against batches of one
-    interval (fails if a batch writes its sums to the wrong slots)."""
+    """The default (the workers' pool, 8 intervals a batch) against summing inline, against batches of one
+    interval (fails if a batch writes its sums to the wrong slots), and against one-interval batches worked
+    out by several threads at once, finishing in any order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from onevision_encoder import codec
 
     path = videos["pan"]["path"]
     default = scan_video(path, policy="balanced")
     make = codec._MotionSince.__init__
-    monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, *args, **kw: make(self, *args, **{**kw, **setting}))
-    other = scan_video(path, policy="balanced")
+    with ThreadPoolExecutor(3) as pool:
+        change = {"inline": {"pool": None}, "one-interval-batches": {"batch": 1},
+                  "several-threads": {"pool": pool, "batch": 1}}[setting]
+        monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, *args, **kw: make(self, *args, **{**kw, **change}))
+        other = scan_video(path, policy="balanced")
     np.testing.assert_array_equal(default.motion_since, other.motion_since)
     assert (default.motion_since[1:].reshape(63, -1).max(1) > 0).mean() > 0.9  # (nearly) every interval moved
 

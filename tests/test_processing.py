@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 import onevision_encoder as ove
-from onevision_encoder.processing import resize_frames
+from onevision_encoder.processing import SquarePlan, resize_frames
 
 
 def test_auto_image_processor_from_saved_config(tmp_path):
@@ -64,6 +64,23 @@ def test_resize_frames_crop_and_letterbox():
         resize_frames(frames[0], 56)
     with pytest.raises(ValueError, match="uint8"):
         resize_frames(frames / 255.0, 56)
+
+
+@pytest.mark.parametrize("mode", ["crop", "letterbox"])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_resample_gives_exactly_torch_antialiased_bicubic(mode, channels):
+    """`SquarePlan.resample` calls torch's kernel with a channels-last output of its own (faster): the pixels
+    must be exactly those of `F.interpolate(..., mode="bicubic", antialias=True)`, whatever the layout."""
+    frame = np.random.default_rng(1).integers(0, 256, (90, 161, channels), dtype=np.uint8)
+    plan = SquarePlan.for_picture(90, 161, 56, mode)
+    got = plan.resample(frame)
+    full = torch.nn.functional.interpolate(torch.from_numpy(frame).permute(2, 0, 1)[None].contiguous(),
+                                           size=(plan.resized_height, plan.resized_width), mode="bicubic",
+                                           antialias=True)[0]
+    if mode == "crop":
+        full = full[:, plan.top : plan.top + 56, plan.left : plan.left + 56]
+    assert got.dtype == torch.uint8 and got.shape == full.shape
+    assert torch.equal(got, full)
 
 
 def test_collate_pads_and_checks():

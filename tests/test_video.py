@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onevision_encoder.synthetic import write_video
-from onevision_encoder.video import VideoDecodeError, VideoFile, decode_frames, probe_video
+from onevision_encoder.video import VideoDecodeError, VideoFile, decode_frames, motion_vectors, probe_video
 
 W, H = 192, 144
 
@@ -32,6 +32,33 @@ def test_skipping_unneeded_frames_keeps_numbers_and_pixels(b_frame_video):
     assert list(decoded) == sorted(decoded)  # still in presentation order
     for number, pixels in decoded.items():  # same numbering as decoding everything, same pictures
         np.testing.assert_array_equal(pixels, everything[number])
+
+
+def test_reading_motion_vectors_lets_each_frame_go(tmp_path):
+    """A streaming pass must not keep the frames whose vectors it read (each holds a decoded picture): no
+    reference from the vectors to the frame, and no cycle that only the garbage collector would free."""
+    import gc
+
+    import av
+
+    path = write_video(tmp_path / "b.mp4", num_frames=30, width=W, height=H, bf=2)["path"]
+    frames_alive = lambda: sum(isinstance(o, av.VideoFrame) for o in gc.get_objects())  # noqa: E731
+    gc.collect()
+    before, kept, with_vectors = frames_alive(), [], 0
+    gc.disable()
+    try:
+        for _, frame in decode_frames(path, export_motion_vectors=True):
+            vectors = motion_vectors(frame)
+            if vectors is not None:
+                with_vectors += 1
+                kept.append(vectors)
+        del frame
+        alive = frames_alive() - before
+    finally:
+        gc.enable()
+    assert with_vectors > 20 and alive == 0
+    assert all(v.base is None or not isinstance(v.base, memoryview) for v in kept)  # arrays of their own
+    assert {"motion_x", "motion_y", "motion_scale", "source"} <= set(kept[0].dtype.names)
 
 
 def test_probe_reads_presentation_numbers_only_when_asked(b_frame_video):

@@ -179,7 +179,8 @@ def _submit(pool: ThreadPoolExecutor | None, fn, *args, **kwargs) -> Future:
 
 class _SquareFrames:
     """Puts the sampled frames on the model's square, and measures frames' luma cells, in worker threads
-    while decoding goes on (`pool` also takes the block matching of codecs without motion vectors).
+    while decoding goes on (`pool` also takes the motion sums, and the block matching of codecs without
+    motion vectors).
 
     The RGB conversion and the resize release the GIL and, on small videos, cost about as much as decoding
     every frame: done in turn with decoding they added their whole time to the selection; the luma cells,
@@ -268,13 +269,12 @@ class _MotionSince:
     `out[slot]` on the working grid in model pixels. Each interval's vectors are gathered as decoding goes
     and worked out `batch` intervals at a time: the work is a few dozen NumPy calls whatever their size,
     and one interval at a time spent most of the time on the calls (2.4x slower at 640x360, measured).
-    Runs on one worker thread of its own when `threaded`, while the main thread waits on the decoder
-    (which releases the GIL); one thread keeps the writes in order. Holds the vectors of at most `batch`
-    intervals."""
+    Runs in `pool` (None: in the calling thread) while the main thread waits on the decoder (which releases
+    the GIL); batches write disjoint slots, in any order. Holds the vectors of at most `batch` intervals."""
 
-    def __init__(self, canvas: "_BlockCanvas", wmap: _WorkMap, out: np.ndarray, threaded: bool, batch: int = 8):
-        self.canvas, self.wmap, self.out, self.batch = canvas, wmap, out, batch
-        self.pool = _worker_pool(1 if threaded else 0)
+    def __init__(self, canvas: "_BlockCanvas", wmap: _WorkMap, out: np.ndarray, pool: ThreadPoolExecutor | None,
+                 batch: int = 8):
+        self.canvas, self.wmap, self.out, self.pool, self.batch = canvas, wmap, out, pool, batch
         self.jobs: deque = deque()
         self.vectors: list[np.ndarray] = []  # of the interval going on
         self.intervals: list[tuple[int, list[np.ndarray]]] = []  # (slot, vectors) ended, not worked out yet
@@ -294,10 +294,6 @@ class _MotionSince:
         self._flush()
         while self.jobs:
             self.jobs.popleft().result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
 
     def _flush(self) -> None:
         if self.intervals:
@@ -651,18 +647,30 @@ def scan_video(
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     _check_geometry(size, patch_size, resize)
     threads = torch.get_num_threads()
-    workers = min(4, threads) if threads > 1 else 0
     with VideoFile(path) as video:
-        return _scan(video, num_frames, size, patch_size, resize, motion, progress, policy, workers)
+        return _scan(video, num_frames, size, patch_size, resize, motion, progress, policy, threads)
+
+
+def _worker_count(threads: int, bitstream: bool) -> int:
+    """Worker threads beside the decoding thread, given torch's thread count. H.264's decoder (slice
+    threading) decodes a one-slice frame on one core: one worker fewer than torch's threads, so that the
+    workers leave the decoder its core. On 2 cores, one worker for everything instead of two plus one for
+    the motion sums took 640x360 H.264 from 1.52-1.62x to 1.35-1.42x decode-only time (medians of 48
+    alternating runs). HEVC's decoder works on several cores of its own (wavefront), and there one worker
+    fell behind it (1.70-1.84x -> 1.82-2.07x): those codecs keep torch's thread count."""
+    if threads < 2:
+        return 0
+    return min(4, threads - 1 if bitstream else threads)
 
 
 @_torch_single_threaded()
-def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy, workers) -> VideoScan:
+def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy, threads) -> VideoScan:
     path = video.path
     info = video.info(timestamps=True)
     total = info.frame_count
     # Without bitstream motion vectors (HEVC, VP9, AV1...), motion comes from block matching on the luma.
     bitstream = info.exports_motion_vectors
+    workers = _worker_count(threads, bitstream)
     frame_ids = sample_indices(total, num_frames)
     slots_of: dict[int, list[int]] = {}
     for slot, fid in enumerate(frame_ids.tolist()):
@@ -697,9 +705,8 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
                 cell = wmap.cell
                 canvas = _BlockCanvas(frame.height, frame.width, cell)
-                threaded = since_maps and bitstream and workers > 0
-                accumulated = _MotionSince(canvas, wmap, maps["since"], threaded=threaded)
                 squares = _SquareFrames(wmap, num_frames, workers)
+                accumulated = _MotionSince(canvas, wmap, maps["since"], pool=squares.pool)
             is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
             # Luma cells (a Future) of the frames a map needs. A sampled frame's are measured in its picture's
             # job, except for "reference", which needs them at once (its maps are made here, as frames come).
@@ -739,10 +746,9 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
         pictures, geometry = squares.pictures, wmap.plan.geometry
         accumulated.finish()
         # onto the working grid all at once (motion in model pixels)
-        if change_pairs:
-            slots, before, after = zip(*change_pairs)
-            change = np.abs(np.stack([f.result() for f in after]) - np.stack([f.result() for f in before]))
-            maps["change"][list(slots)] = wmap(change)
+        if change_pairs:  # pair by pair: stacking first made two more clip-sized arrays, fresh pages each time
+            change = np.stack([np.abs(after.result() - before.result()) for _, before, after in change_pairs])
+            maps["change"][[slot for slot, _, _ in change_pairs]] = wmap(change)
         if matched:
             slots, jobs = zip(*matched)
             maps["since"][list(slots)] = wmap(np.stack([job.result() for job in jobs])) * wmap.scale
@@ -750,7 +756,6 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
         stream.close()
         if squares is not None:
             squares.close()
-            accumulated.close()
         if bar is not None:
             bar.close()
     frame_ids = frame_ids[shown]  # slots whose frame never came show (and name) an earlier one

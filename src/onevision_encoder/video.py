@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import av
 import numpy as np
+from av.sidedata.sidedata import SideDataContainer
+from av.sidedata.sidedata import Type as SideDataType
 
 # Measured with av 18 on 2 cores (H.264 720p, motion-vector export on): frame threading made decoding 2-4x
 # slower and once dropped a frame's motion vectors; slice threading costs nothing and keeps them all.
@@ -209,9 +211,13 @@ def decode_frames(
 
 def motion_vectors(frame: av.VideoFrame) -> np.ndarray | None:
     """The frame's motion vectors as FFmpeg's structured array (source, w, h, src_x, src_y, dst_x, dst_y,
-    flags, motion_x, motion_y, motion_scale), or None when it has none (intra frames, codecs without export)."""
-    side = frame.side_data.get(av.sidedata.sidedata.Type.MOTION_VECTORS)
-    return None if side is None else side.to_ndarray()
+    flags, motion_x, motion_y, motion_scale), or None when it has none (intra frames, codecs without export).
+
+    A copy, read through a side-data container of its own: `frame.side_data` is cached on the frame and
+    points back to it, and PyAV's array is a view into the frame. Either keeps the frame, decoded picture
+    and all, alive after its last use, the first until the cyclic garbage collector runs."""
+    side = SideDataContainer(frame).get(SideDataType.MOTION_VECTORS)
+    return None if side is None else side.to_ndarray().copy()
 
 
 def quarter_turns(frame: av.VideoFrame) -> int:
