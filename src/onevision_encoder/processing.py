@@ -102,10 +102,15 @@ class FrameGeometry:
         which normalises to exactly zero. inside: bool mask of the picture pixels, broadcast against
         `pictures` without its channel axis (default: `picture_mask()`, for whole squares `[T, 3, size, size]`)."""
         floats = pictures.float().div_(255)
-        if self.height == self.width == self.size:
+        if self.fills_square:
             return floats
         inside = self.picture_mask() if inside is None else inside
         return torch.where(inside.unsqueeze(-3), floats, torch.tensor(CLIP_MEAN).view(3, 1, 1))
+
+    @property
+    def fills_square(self) -> bool:
+        """True when the picture covers the whole square (no letterbox padding)."""
+        return self.height == self.width == self.size
 
     def picture_mask(self) -> torch.Tensor:
         """`[size, size]` bool: the pixels that show the picture (False = letterbox padding)."""
@@ -207,11 +212,12 @@ def resize_frames(frames, size: int = VIDEO_SIZE, mode: str = "crop") -> tuple[t
     return plan.geometry.to_float(squares), plan.geometry
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """CLIP-normalise `[..., 3, H, W]` floats in [0, 1]."""
+def normalize(pixels: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """CLIP-normalise `[..., 3, H, W]` floats in [0, 1]; inplace: in `pixels` itself (for callers that made it:
+    a fresh tensor of a clip's size costs more in page faults than the math)."""
     mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    return (pixels - mean).div_(std)  # one new tensor, not two: allocating them cost more than the math
+    return (pixels.sub_(mean) if inplace else pixels - mean).div_(std)
 
 
 def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -230,7 +236,7 @@ def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
 def preprocess_video(frames, size: int = VIDEO_SIZE) -> torch.Tensor:
     """Published video preprocessing of uint8 frames `[T, H, W, 3]` -> normalised `[3, T, size, size]`."""
     x, _ = resize_frames(frames, size, mode="crop")
-    return normalize(x).transpose(0, 1).contiguous()
+    return normalize(x, inplace=True).transpose(0, 1).contiguous()
 
 
 def video_inputs(
