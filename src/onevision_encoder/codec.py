@@ -529,7 +529,7 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
     of `block`x`block` cells (16x16 pixels for 4-pixel cells) searched over +-`radius` cells (+-16 pixels)
     by sum of absolute differences, the SAD raised by 0.1% per cell of shift so that near-ties go to the
     smaller shift. All shifts at once in torch: a strided view of the padded previous frame per shift,
-    one subtraction, block sums by adding the block's columns, then its rows (about 1 ms at 160x90 cells).
+    one subtraction, block sums by adding the block's rows, then its columns (about 1 ms at 160x90 cells).
     """
     h, w = current.shape
     n = 2 * radius + 1
@@ -543,11 +543,16 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
     target[:h, :w] = torch.from_numpy(current)
     diff = torch.sub(shifted, target, out=torch.empty(n, n, height, width)).abs_()
     diff[:, :, h:], diff[:, :, :, w:] = 0, 0  # cells past the frame's edge count nothing
-    columns = diff.view(n * n, height, bw, block)
+    # Block sums: the block's rows first (contiguous adds), then its columns on a quarter of the data (strided
+    # adds): 2x faster than columns first. Luma cells are whole numbers, so the sums are exact in any order.
+    rows = diff.view(n * n, bh, block, width)
+    sad = rows[:, :, 0].clone()
+    for i in range(1, block):
+        sad += rows[:, :, i]
+    columns = sad.view(n * n, bh, bw, block)
     sad = columns[..., 0].clone()
     for i in range(1, block):
         sad += columns[..., i]
-    sad = sad.view(n * n, bh, block, bw).sum(2)
     shifts, grid_index, penalty = _search(radius)
     best = shifts[(sad[grid_index] * penalty).argmin(0)]  # argmin: the first minimum, in search order
     v = (best * cell).float().permute(2, 0, 1).repeat_interleave(block, 1).repeat_interleave(block, 2)
