@@ -629,7 +629,9 @@ def _check_geometry(size: int, patch_size: int, resize: str) -> None:
 def _torch_single_threaded():
     """Per-frame tensors are small: on 2 cores, OpenMP hand-offs made the per-frame tensor work 10-30x slower
     with 2 torch threads than with 1 (measured when frames were resized with torch), and the decoder wants
-    the other core. Restored afterwards."""
+    the other core. The per-clip work (scores, choice, packing) is small too, and after each parallel region
+    OpenMP's idle thread spins for a while (about 5 ms of a core per selection at 640x360, measured).
+    Restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -841,6 +843,7 @@ MOTION_FLOOR_PX = 1.0
 CHANGE_FLOOR = 8.0
 
 
+@_torch_single_threaded()
 def patch_scores(scan: VideoScan, policy: str = DEFAULT_POLICY) -> torch.Tensor:
     """Per-patch scores `[T, rows, cols]` of a scan under `policy` ("balanced" or "reference")."""
     valid = scan.work_valid
@@ -885,6 +888,7 @@ def uniform_frames_mask(num_frames: int, rows: int, cols: int, budget: int) -> t
 INFORMATIVE_MEAN_SCORE = 0.05
 
 
+@_torch_single_threaded()
 def choose_patches(
     scores: torch.Tensor,
     valid: torch.Tensor,
