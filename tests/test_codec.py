@@ -452,7 +452,8 @@ def test_motion_since_is_the_same_inline_and_one_interval_at_a_time(videos, monk
     with ThreadPoolExecutor(3) as pool:
         change = {"inline": {"pool": None}, "one-interval-batches": {"batch": 1},
                   "several-threads": {"pool": pool, "batch": 1}}[setting]
-        monkeypatch.setattr(codec._MotionSince, "__init__", lambda self, *args, **kw: make(self, *args, **{**kw, **change}))
+        changed = lambda self, *args, **kw: make(self, *args, **{**kw, **change})  # noqa: E731
+        monkeypatch.setattr(codec._MotionSince, "__init__", changed)
         other = scan_video(path, policy="balanced")
     np.testing.assert_array_equal(default.motion_since, other.motion_since)
     assert (default.motion_since[1:].reshape(63, -1).max(1) > 0).mean() > 0.9  # (nearly) every interval moved
