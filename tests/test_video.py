@@ -42,7 +42,7 @@ def test_reading_motion_vectors_lets_each_frame_go(tmp_path):
     import av
 
     path = write_video(tmp_path / "b.mp4", num_frames=30, width=W, height=H, bf=2)["path"]
-    frames_alive = lambda: sum(isinstance(o, av.VideoFrame) for o in gc.get_objects())  # noqa: E731
+    frames_alive = lambda: sum(type(o) is av.VideoFrame for o in gc.get_objects())  # noqa: E731
     gc.collect()
     before, kept, with_vectors = frames_alive(), [], 0
     gc.disable()
