@@ -4,11 +4,12 @@
 
 Generates moving/deforming objects with a still stretch, and a camera pan, in H.264 and HEVC at each size,
 plus one 640x360 H.264 clip with two slices a frame (plus any videos given), then for each: selection time /
-decode-only time (PyAV, all frames, same threading; least of 5 runs, the timed calls taking turns), the time of `sample_frames` for the same 64 frames
-(decoding plus resizing, what any frame-sampling pipeline pays: the difference to the selection is the cost
-of the motion analysis), and the replenishment PSNR of uniform whole frames, "reference" and the default
-policy at K = 2048 and 4096 of 64x256. Last line: `select_vs_decode=X.XX psnr_gain_db=Y.YY` (default policy
-vs uniform frames, K=2048, averaged over the videos; select_vs_decode is the median ratio over all of them).
+decode-only time (PyAV, all frames, same threading; least of 5 runs, the timed calls taking turns), the time
+of `sample_frames` for the same 64 frames (decoding plus resizing, what any frame-sampling pipeline pays: the
+difference to the selection is the cost of the motion analysis), and the replenishment PSNR of uniform whole
+frames, "reference" and the default policy at K = 2048 and 4096 of 64x256. Last line:
+`select_vs_decode=X.XX psnr_gain_db=Y.YY` (default policy vs uniform frames, K=2048, averaged over the videos;
+select_vs_decode is the median ratio over all of them).
 
 Slices matter to the speed ratio: with slice threading (what both sides use) a frame of one slice decodes on
 one core, and the selection's own work (resizing, motion) runs on the others beside it; a frame of several
