@@ -8,8 +8,7 @@ from transformers import AutoConfig, AutoModel
 
 from .codec import CodecClip, replenishment_psnr, sample_frames, select_patches
 from .configuration import OneVisionEncoderConfig
-from .encode import Encoder
-from .features import Features, load_features
+from .encode import Encoder, Features, load_features
 from .modeling import OneVisionEncoderModel, OneVisionEncoderPreTrainedModel
 from .video import VideoDecodeError
 from .processing import (

@@ -16,11 +16,11 @@ from safetensors import safe_open
 
 from onevision_encoder import Encoder, OneVisionEncoderModel, load_features
 from onevision_encoder.cli import main
-from onevision_encoder.data import Preprocessing
+from onevision_encoder.encode.inputs import Preprocessing
 from onevision_encoder.processing import collate_patch_lists
 from onevision_encoder.synthetic import write_image, write_video
 
-TINY = os.path.join(os.path.dirname(__file__), "data", "tiny-p14")
+TINY = os.path.join(os.path.dirname(__file__), "..", "data", "tiny-p14")
 # Small but real: 8 frames, 320 of 2048 patches for videos; images give 1024 tokens, so batches mix lengths.
 FRAMES, BUDGET = 8, 320
 CLI_SETTINGS = ["--model", TINY, "--frames", str(FRAMES), "--budget", str(BUDGET), "--shard-size", "2"]
@@ -124,7 +124,7 @@ def test_index_maps_each_input_to_its_shard_row_and_settings(media, reference_di
 # the first shard and before the others, however fast the machine (a timed kill once came too late).
 HELD_AFTER_FIRST_SHARD = """
 import sys, time
-import onevision_encoder.encode as encode
+import onevision_encoder.encode.encoder as encode
 from onevision_encoder.cli import main
 write = encode.write_shard
 def write_then_hold(out, chunk_id, *args):

@@ -24,8 +24,8 @@ from functools import lru_cache
 import torch
 from torch.utils.data import Dataset
 
-from .codec import sample_frames, select_patches
-from .processing import IMAGE_SIZE, VIDEO_SIZE, PatchClip, collate_patch_lists, grid_positions, image_processor, patchify
+from ..codec import sample_frames, select_patches
+from ..processing import IMAGE_SIZE, VIDEO_SIZE, PatchClip, collate_patch_lists, grid_positions, image_processor, patchify
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".ogv"}

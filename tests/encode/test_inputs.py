@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from onevision_encoder.data import (
+from onevision_encoder.encode.inputs import (
     EncodeDataset,
     InputError,
     Preprocessing,
@@ -17,7 +17,7 @@ from onevision_encoder.data import (
 from onevision_encoder.processing import image_processor, patchify
 from onevision_encoder.synthetic import write_image
 
-TINY = os.path.join(os.path.dirname(__file__), "data", "tiny-p14")
+TINY = os.path.join(os.path.dirname(__file__), "..", "data", "tiny-p14")
 
 
 def touch(path, data=b"x"):

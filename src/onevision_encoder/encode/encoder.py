@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import EncodeDataset, Preprocessing, collate_samples, discover_inputs
+from .inputs import EncodeDataset, Preprocessing, collate_samples, discover_inputs
 from .features import (
     FAILURES_FILE,
     INDEX_FILE,
@@ -129,7 +129,7 @@ def default_workers() -> int:
 def _load_model(name: str):
     """A local folder in the published layout, or a hub id; a path that does not exist is named as such
     rather than being passed on as a (malformed) hub id."""
-    from .modeling import OneVisionEncoderModel
+    from ..modeling import OneVisionEncoderModel
 
     if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"model {name!r}: no such folder")
@@ -195,7 +195,7 @@ class Encoder:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         self.progress = progress
-        from . import __version__
+        from .. import __version__
 
         p = self.preprocessing
         self.settings = EncodeSettings(self.model_name, __version__, config.hidden_size, p.mode, p.frames, p.budget,
@@ -340,7 +340,7 @@ def _worker_context():
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["onevision_encoder.data"])
+    context.set_forkserver_preload(["onevision_encoder.encode.inputs"])
     return context
 
 
