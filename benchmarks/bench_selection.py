@@ -42,7 +42,7 @@ from onevision_encoder.codec import (
     uniform_frames_mask,
 )
 from onevision_encoder.synthetic import write_video
-from onevision_encoder.video import DECODE_THREADING, VideoDecodeError, probe_video
+from onevision_encoder.codec.video import DECODE_THREADING, VideoDecodeError, probe_video
 
 BUDGETS = (2048, 4096)
 # Encoded as camera footage usually is (x264/x265 "medium": CABAC, deblocking, B-frames) with light sensor

@@ -11,7 +11,6 @@ import os
 import sys
 
 import numpy as np
-import pytest
 
 from onevision_encoder import select_patches
 from onevision_encoder.synthetic import write_video
