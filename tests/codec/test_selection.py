@@ -130,7 +130,7 @@ def test_budget_as_fraction_count_too_large_and_invalid(videos):
     for bad in (0, -5, 0.0, 1.5, "many", True):
         with pytest.raises(ValueError, match="budget"):
             select_patches(path, budget=bad)
-    with pytest.raises(ValueError, match="first frame"):
+    with pytest.raises(ValueError, match="whole frame"):
         select_patches(path, budget=100)
     with pytest.raises(ValueError, match="policy"):
         select_patches(path, policy="magic")
@@ -359,7 +359,7 @@ def test_scan_for_one_policy_selects_the_same_as_a_full_scan(videos, policy):
     with pytest.raises(ValueError, match="did not measure"):
         patch_scores(only, other)
     assert torch.equal(select_patches(path, policy=policy).kept,
-                       choose_patches(patch_scores(full, policy), full.valid, 2048, True, policy == "balanced"))
+                       choose_patches(patch_scores(full, policy), full.valid, 2048, (0,), policy == "balanced"))
 
 
 def test_block_weighted_camera_free_motion_equals_the_per_cell_definition(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..cli import budget, positive_int
@@ -9,12 +10,29 @@ from ..processing import RESIZE_MODES
 from .scores import DEFAULT_POLICY, POLICIES
 
 
+def frame_indices(text: str) -> tuple[int, ...]:
+    """"0,16,32,48" -> (0, 16, 32, 48); "none" or "" -> () (argparse type; ranges are checked by the selection)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected frame indices like 0,16,32,48 (or none), got {text!r}") from None
+
+
+def add_whole_frames_argument(parser) -> None:
+    """`--whole-frames`, shared by the sub-commands that select patches."""
+    parser.add_argument("--whole-frames", type=frame_indices, default=None, metavar="I,J,...",
+                        help="sampled frames kept whole, the rest of the budget going by score (default 0; the "
+                             "published training data kept 0,16,32,48 of 64; 'none' for none)")
+
+
 def add_select_parser(sub) -> None:
     p = sub.add_parser(
         "select",
         help="codec-style patch selection of one video: summary, picture, saved selection",
-        description="Sample frames uniformly, score every patch by motion and change, keep frame 0 whole and the "
-        "top patches of the rest. Exit status 1 for an unreadable video, 2 for bad arguments.",
+        description="Sample frames uniformly, score every patch by motion and change, keep frame 0 (or the "
+        "--whole-frames) whole and the top patches of the rest. Exit status 1 for an unreadable video, 2 for bad arguments.",
     )
     p.add_argument("video", metavar="VIDEO")
     p.add_argument("--frames", type=positive_int, default=64, help="frames sampled (default %(default)s)")
@@ -26,6 +44,7 @@ def add_select_parser(sub) -> None:
     p.add_argument("--resize", choices=RESIZE_MODES, default="crop", help="default %(default)s")
     p.add_argument("--out", metavar="PICTURE.png", help="contact sheet of the sampled frames, kept patches bright")
     p.add_argument("--save", metavar="SELECTION.npz", help="positions, frame ids, scores and kept mask")
+    add_whole_frames_argument(p)
     p.set_defaults(func=_run_select)
 
 
@@ -37,7 +56,8 @@ def _run_select(args) -> int:
     try:
         clip = select_patches(args.video, num_frames=args.frames, budget=args.budget, size=args.size,
                               patch_size=args.patch_size, policy=args.policy, resize=args.resize,
-                              keep_frames=args.out is not None, progress=sys.stderr.isatty())
+                              whole_frames=args.whole_frames, keep_frames=args.out is not None,
+                              progress=sys.stderr.isatty())
         if args.out:
             contact_sheet(clip.frames, clip.kept).save(args.out)
         if args.save:

@@ -4,6 +4,7 @@ patch-list form (`CodecClip`); `select_patches` and `sample_frames`, the two way
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,53 +43,107 @@ def uniform_frames_mask(num_frames: int, rows: int, cols: int, budget: int) -> t
 INFORMATIVE_MEAN_SCORE = 0.05
 
 
+def check_whole_frames(whole_frames: Sequence[int], num_frames: int) -> tuple[int, ...]:
+    """The sampled-frame indices to keep whole, checked: integers in [0, num_frames), each once, sorted.
+    Raises ValueError naming the offending entry."""
+    if isinstance(whole_frames, (str, bytes)) or not hasattr(whole_frames, "__iter__"):
+        raise ValueError(f"whole_frames must be a list of sampled-frame indices, got {whole_frames!r}")
+    indices = list(whole_frames)
+    for i in indices:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"whole_frames must hold integer frame indices, got {i!r}")
+        if not 0 <= i < num_frames:
+            raise ValueError(f"whole frame {i} is out of range: the sampled frames are 0..{num_frames - 1}")
+    repeated = sorted({int(i) for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise ValueError(f"whole_frames names frame(s) {repeated} more than once")
+    return tuple(sorted(int(i) for i in indices))
+
+
+def _check_budget_holds(budget: int, whole, per_frame: int) -> None:
+    if budget < len(whole) * per_frame:
+        raise ValueError(f"budget {budget} is smaller than the {len(whole)} whole frame(s) {list(whole)} "
+                         f"({len(whole) * per_frame} patches); raise it or keep fewer frames whole")
+
+
 @_torch_single_threaded()
 def choose_patches(
     scores: torch.Tensor,
     valid: torch.Tensor,
     budget: int,
-    keep_first_frame: bool = True,
+    whole_frames: Sequence[int] = (0,),
     static_fallback: bool = False,
     patch_size: int = 14,
 ) -> torch.Tensor:
-    """Kept-patch mask `[T, rows, cols]`: frame 0 whole (if keep_first_frame), then the global top scores
-    over frames 1.. among `valid` patches until `budget` patches in all (ties go to the earlier patch).
-    static_fallback: when fewer patches than the remaining budget are informative, the rest goes to whole
-    frames spread evenly over the clip instead of to near-zero scores."""
+    """Kept-patch mask `[T, rows, cols]`: the sampled frames `whole_frames` whole (every patch, padding
+    included), then the global top scores of the other patches among `valid` ones until `budget` patches in
+    all (ties go to the earlier patch). static_fallback: when fewer patches than the remaining budget are
+    informative, the rest goes to whole frames spread evenly over the clip instead of to near-zero scores."""
     t, rows, cols = scores.shape
+    whole = list(check_whole_frames(whole_frames, t))
+    _check_budget_holds(budget, whole, rows * cols)
     kept = torch.zeros(t, rows, cols, dtype=torch.bool)
-    if keep_first_frame:
-        if budget < rows * cols:
-            raise ValueError(f"budget {budget} is smaller than one whole first frame ({rows * cols} patches); "
-                             "raise it or pass keep_first_frame=False")
-        kept[0] = True
-    candidates = valid.expand(t, rows, cols).clone()
-    candidates[0] &= ~kept[0]
+    kept[whole] = True
+    candidates = valid.expand(t, rows, cols) & ~kept
     flat = scores.flatten().numpy()
     order = np.argsort(-flat, kind="stable")
     order = order[candidates.flatten().numpy()[order]]
     remaining = min(budget - int(kept.sum()), len(order))
     if static_fallback:
-        order = _with_uniform_fill(order, flat, valid, t, remaining, patch_size)
+        order = _with_uniform_fill(order, flat, valid, whole, t, remaining, patch_size)
     kept.view(-1)[torch.from_numpy(order[:remaining].copy())] = True
     return kept
 
 
-def _with_uniform_fill(order, flat, valid, num_frames: int, remaining: int, patch_size: int) -> np.ndarray:
+def _with_uniform_fill(order, flat, valid, whole: list[int], num_frames: int, remaining: int,
+                       patch_size: int) -> np.ndarray:
     """Candidate order for a (mostly) static video: the informative patches first, then whole frames spread
-    evenly over frames 1.. for what is left of the budget, then everything else by score."""
+    evenly between the frames kept whole for what is left of the budget, then everything else by score."""
     informative = order[flat[order] >= INFORMATIVE_MEAN_SCORE * patch_size**2]
-    if len(informative) >= remaining or num_frames < 2:
+    free = num_frames - len(whole)
+    if len(informative) >= remaining or free < 1:
         return order
     rows, cols = valid.shape
     per_frame = int(valid.sum())
-    wanted = min(num_frames - 1, -(-(remaining - len(informative)) // per_frame))
-    # Spread as if frame 0 (kept whole) were one of the picks: 3 more frames of 64 -> 21, 42, 63.
-    frames = np.unique(np.linspace(0, num_frames - 1, wanted + 1)[1:].round().astype(np.int64))
-    whole = (frames[:, None] * rows * cols + np.flatnonzero(valid.flatten().numpy())[None, :]).ravel()
-    fill = whole[~np.isin(whole, informative)]
+    wanted = min(free, -(-(remaining - len(informative)) // per_frame))
+    frames = _spread_frames(whole, num_frames, wanted)
+    picture = (frames[:, None] * rows * cols + np.flatnonzero(valid.flatten().numpy())[None, :]).ravel()
+    fill = picture[~np.isin(picture, informative)]
     rest = order[~np.isin(order, np.concatenate([informative, fill]))]
     return np.concatenate([informative, fill, rest])
+
+
+def _spread_frames(whole: list[int], num_frames: int, wanted: int) -> np.ndarray:
+    """`wanted` more frames spread over the clip as if the `whole` ones were picks too: each goes, in turn,
+    to the stretch whose frames lie farthest from a pick (the open stretches before the first and after the
+    last pick end on frames 0 and T-1; between picks they sit evenly). Frame 0 whole and 3 more of 64 ->
+    21, 42, 63."""
+    last = num_frames - 1
+    # (start, end, open end: "start", "end" or None, picks inside)
+    stretches = [(a, b, None) for a, b in zip(whole, whole[1:]) if b - a > 1]
+    if whole[0] > 0:
+        stretches.insert(0, (whole[0], 0, "start"))  # measured from the first pick back to frame 0
+    if whole[-1] < last:
+        stretches.append((whole[-1], last, "end"))
+    picks = [0] * len(stretches)
+
+    def farthest(i: int) -> float:  # the greatest distance from a frame of stretch i to its nearest pick
+        a, b, opening = stretches[i]
+        length = abs(b - a)
+        if picks[i] >= (length if opening else length - 1):
+            return -1.0  # every frame of the stretch picked
+        if opening is None:
+            return length / (2 * (picks[i] + 1))
+        return length / (2 * picks[i]) if picks[i] else length
+
+    for _ in range(wanted):
+        best = max(range(len(stretches)), key=lambda i: (farthest(i), -i))
+        picks[best] += 1
+    frames = []
+    for (a, b, opening), k in zip(stretches, picks):
+        steps = np.arange(1, k + 1) / (k if opening else k + 1)
+        frames.extend(np.round(a + (b - a) * steps).astype(np.int64).tolist())
+    return np.unique(np.array([f for f in frames if f not in whole], np.int64))
 
 
 @dataclass
@@ -165,24 +220,33 @@ def select_patches(
     keep_first_frame: bool = True,
     keep_frames: bool = False,
     progress: bool = False,
+    whole_frames: Sequence[int] | None = None,
 ) -> CodecClip:
     """Codec-style patch selection of a video file, in one streaming decode pass.
 
     Samples `num_frames` frames at `linspace(0, N-1, num_frames)`, scores every patch (`policy`), keeps
-    frame 0 whole and the top-scoring patches of the other frames, `budget` patches in all: a count, or a
-    fraction (0, 1] of num_frames*rows*cols. A budget above the candidates keeps them all. resize: "crop"
-    (short side to `size`, centre crop) or "letterbox" (long side to `size`, centred; padding patches are
-    never chosen after frame 0). keep_frames: attach the sampled frames (`clip.frames`, 0..1) for display.
+    the sampled frames `whole_frames` whole (default [0]; the published training data kept [0, 16, 32, 48]
+    of 64) and the top-scoring patches of the others, `budget` patches in all: a count, or a fraction
+    (0, 1] of num_frames*rows*cols. A budget above the candidates keeps them all. resize: "crop" (short
+    side to `size`, centre crop) or "letterbox" (long side to `size`, centred; padding patches are never
+    chosen outside the whole frames). keep_first_frame=False: the same as whole_frames=[] (kept for
+    earlier callers). keep_frames: attach the sampled frames (`clip.frames`, 0..1) for display.
     Raises ValueError for bad arguments and VideoDecodeError for unreadable files.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     _check_geometry(size, patch_size, resize)
+    if whole_frames is None:
+        whole_frames = (0,) if keep_first_frame else ()
+    elif not keep_first_frame:
+        raise ValueError("give whole_frames or keep_first_frame=False, not both (whole_frames=[] keeps no frame whole)")
+    whole = check_whole_frames(whole_frames, num_frames)
     rows = size // patch_size
     count = _budget_count(budget, num_frames * rows * rows)
+    _check_budget_holds(count, whole, rows * rows)
     scan = scan_video(path, num_frames, size, patch_size, resize, motion=True, progress=progress, policy=policy)
     scores = patch_scores(scan, policy)
-    kept = choose_patches(scores, scan.valid, count, keep_first_frame, policy == "balanced", patch_size)
+    kept = choose_patches(scores, scan.valid, count, whole, policy == "balanced", patch_size)
     return _pack(scan, kept, scores=scores, policy=policy, frames=scan.frames if keep_frames else None)
 
 

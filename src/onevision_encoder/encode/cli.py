@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..cli import positive_int
+from ..codec.cli import add_whole_frames_argument
 from .encoder import DEFAULT_MODEL, DTYPES, Encoder
 from .inputs import discover_inputs
 
@@ -27,6 +28,7 @@ def add_encode_parser(sub) -> None:
                         "accepts images only. Images always get the image preprocessing (448 px).")
     p.add_argument("--frames", type=positive_int, help="frames per video (default 64 for codec, 16 for frames)")
     p.add_argument("--budget", type=positive_int, help="patches kept per video in codec mode (default 2048)")
+    add_whole_frames_argument(p)
     p.add_argument("--tokens", action="store_true", help="also save every token's features and position")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: this rank's GPU, else cpu)")
@@ -40,7 +42,8 @@ def add_encode_parser(sub) -> None:
 def _run_encode(args) -> int:
     try:
         paths = discover_inputs(args.inputs)  # a missing input fails before the model is loaded
-        encoder = Encoder(args.model, mode=args.mode, frames=args.frames, budget=args.budget, tokens=args.tokens,
+        encoder = Encoder(args.model, mode=args.mode, frames=args.frames, budget=args.budget,
+                          whole_frames=args.whole_frames, tokens=args.tokens,
                           batch_size=args.batch_size, device=args.device, dtype=args.dtype, workers=args.workers,
                           shard_size=args.shard_size)
         features = encoder.encode(paths, out=args.out)

@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -67,6 +68,7 @@ class EncodeSettings:
     dtype: str
     tokens: bool
     shard_size: int
+    whole_frames: list[int] | None = None  # codec mode's frames kept whole
 
     def differences(self, recorded: dict) -> list[str]:
         return [f"{key}: {value!r} now, {recorded.get(key)!r} in the folder"
@@ -150,7 +152,7 @@ class Encoder:
     loaded model. mode: how videos are read, "codec" (codec-style patch selection, the default) or
     "frames" (uniform frames), or "image" to accept images only; images always get the image
     preprocessing. frames / budget: per-video frames and kept patches (default 64 / 2048 for codec,
-    16 frames for frames). tokens: keep every token's features and position, not only the pooled ones.
+    16 frames for frames); whole_frames: the sampled frames codec mode keeps whole (default [0]). tokens: keep every token's features and position, not only the pooled ones.
     dtype: "float32", "bfloat16" or "float16" (autocast; default bfloat16 on GPU, float32 on CPU).
     workers: DataLoader worker processes that decode and select patches (0 = in this process).
 
@@ -165,6 +167,7 @@ class Encoder:
         mode: str = "codec",
         frames: int | None = None,
         budget: int | None = None,
+        whole_frames: Sequence[int] | None = None,
         tokens: bool = False,
         batch_size: int = 8,
         device: str | torch.device | None = None,
@@ -187,7 +190,8 @@ class Encoder:
             model = _load_model(os.fspath(model))
         self.model = model.to(self.device).eval()
         config = self.model.config
-        self.preprocessing = Preprocessing.with_defaults(mode, frames, budget, patch_size=config.patch_size)
+        self.preprocessing = Preprocessing.with_defaults(mode, frames, budget, whole_frames,
+                                                         patch_size=config.patch_size)
         self.dtype = DTYPES[dtype]
         self.tokens = tokens
         self.batch_size = batch_size
@@ -199,7 +203,8 @@ class Encoder:
 
         p = self.preprocessing
         self.settings = EncodeSettings(self.model_name, __version__, config.hidden_size, p.mode, p.frames, p.budget,
-                                       p.patch_size, p.video_size, p.image_size, dtype, tokens, shard_size)
+                                       p.patch_size, p.video_size, p.image_size, dtype, tokens, shard_size,
+                                       list(p.whole_frames) if p.mode == "codec" else None)
 
     def encode(self, inputs, out: str | os.PathLike | None = None) -> Features:
         """Encode `inputs` (files, folders, CSV/JSONL lists). Inputs that fail are listed in
