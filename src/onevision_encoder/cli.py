@@ -11,11 +11,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # Each sub-command's arguments and runner live beside the work it does.
     from .encode.cli import add_encode_parser
-    from .train.cli import add_concepts_parser
+    from .train.cli import add_concepts_parser, add_train_parser
 
     _add_select_parser(sub)
     add_encode_parser(sub)
     add_concepts_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
