@@ -158,7 +158,8 @@ def distributed_worker(out_dir: str) -> None:
     torch.manual_seed(100 + rank)
     drawn = draw_labels(labels[batches[rank]], 8)
     save_file({"loss": value.detach()[None], "embeddings_grad": embeddings.grad, "centres_grad": loss.centres.grad,
-               "weight_grad": model.module.weight.grad, "drawn": drawn}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+               "weight_grad": model.module.weight.grad, "drawn": drawn},
+              os.path.join(out_dir, f"rank{rank}.safetensors"))
     dist.destroy_process_group()
 
 

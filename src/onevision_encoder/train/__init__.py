@@ -8,6 +8,20 @@
 4. `ove train`: the training loop, data, checkpoints that resume exactly.
 """
 
+from .concepts import assign_concepts, build_bank, load_bank, read_features, read_labels, save_bank, write_labels
+from .kmeans import spherical_kmeans
 from .loss import PartialFCLoss, reshard_centres, sum_gradients_hook
 
-__all__ = ["PartialFCLoss", "reshard_centres", "sum_gradients_hook"]
+__all__ = [
+    "PartialFCLoss",
+    "assign_concepts",
+    "build_bank",
+    "load_bank",
+    "read_features",
+    "read_labels",
+    "reshard_centres",
+    "save_bank",
+    "spherical_kmeans",
+    "sum_gradients_hook",
+    "write_labels",
+]

@@ -281,7 +281,8 @@ def read_labels(path: str, num_rows: int | None = None, num_classes: int | None 
     else:
         raise FeatureFileError(f"{path}: labels must be a .npy or .safetensors file")
     if labels.ndim != 2 or labels.dtype != np.int64:
-        raise FeatureFileError(f"{path}: labels must be an [N, k] int64 matrix, got {labels.dtype} {list(labels.shape)}")
+        raise FeatureFileError(f"{path}: labels must be an [N, k] int64 matrix, got {labels.dtype} "
+                               f"{list(labels.shape)}")
     if num_rows is not None and len(labels) != num_rows:
         raise FeatureFileError(f"{path} has {len(labels)} label rows but the features have {num_rows} rows")
     if num_classes is not None and labels.size:
