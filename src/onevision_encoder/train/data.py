@@ -41,6 +41,7 @@ from ..encode.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, discover_inputs
 from ..processing import (collate_patch_lists, grid_positions, image_processor, normalize, patchify, resize_frames,
                           temporal_slots)
 from ..video import VideoFile, sample_indices
+from .concepts import read_labels
 from .config import HeadConfig
 
 FORMS = ("codec", "frames", "collage")
@@ -101,27 +102,12 @@ def list_items(inputs: list[str]) -> list[str]:
     return paths
 
 
-def read_label_rows(path: str) -> np.ndarray:
-    """Labels `[N, k]` int64 from `.npy` or `.safetensors` (key `labels`); never a pickle."""
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        tensors = load_file(path)
-        if "labels" not in tensors:
-            raise DataError(f"{path}: no 'labels' tensor in this safetensors file")
-        rows = tensors["labels"]
-    else:
-        rows = np.load(path, allow_pickle=False)
-    if rows.ndim != 2 or rows.dtype.kind not in "iu":
-        raise DataError(f"{path}: labels must be an [N, k] integer matrix, got {rows.dtype} {list(rows.shape)}")
-    return rows.astype(np.int64)
-
-
-def check_labels(rows: np.ndarray, num_classes: int, labels_per_step: int, where: str) -> None:
-    if rows.shape[1] < labels_per_step:
-        raise DataError(f"{where}: {rows.shape[1]} labels a sample, fewer than labels_per_step={labels_per_step}")
-    if rows.size and (rows.min() < 0 or rows.max() >= num_classes):
-        bad = int(rows[(rows < 0) | (rows >= num_classes)][0])
+def check_sample_labels(labels: np.ndarray, num_classes: int, labels_per_step: int, where: str) -> None:
+    """The labels of one tar sample: at least labels_per_step, all in the bank."""
+    if len(labels) < labels_per_step:
+        raise DataError(f"{where}: {len(labels)} labels, fewer than labels_per_step={labels_per_step}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
         raise DataError(f"{where}: label {bad} is outside the bank's {num_classes} concepts [0, {num_classes})")
 
 
@@ -255,11 +241,13 @@ class HeadStream:
             self.paths = list_items(head.inputs)
             if head.labels is None:
                 raise DataError(f"head {head.name}: file inputs need a labels file (labels: LABELS.npy)")
-            self.labels = read_label_rows(head.labels)
+            self.labels = read_labels(head.labels, num_classes=num_classes)
             if len(self.labels) != len(self.paths):
                 raise DataError(f"head {head.name}: {head.labels} has {len(self.labels)} rows of labels but the "
                                 f"inputs hold {len(self.paths)} samples; labels must follow the inputs' order")
-            check_labels(self.labels, num_classes, head.labels_per_step, head.labels)
+            if self.labels.shape[1] < head.labels_per_step:
+                raise DataError(f"{head.labels}: {self.labels.shape[1]} labels a sample, fewer than labels_per_step="
+                                f"{head.labels_per_step}")
             if len(self.paths) < head.batch_size:
                 raise DataError(f"head {head.name}: {len(self.paths)} samples, fewer than a batch ({head.batch_size})")
         elif head.labels is not None:
@@ -333,7 +321,7 @@ class HeadStream:
             if extension is None:  # a tar sample
                 source, extension, labels = self._tar_parts(source)
             patches, positions = self.loader.load(source, extension, form, rng)
-            return patches, positions, torch.as_tensor(labels, dtype=torch.long)
+            return patches, positions, torch.tensor(np.asarray(labels), dtype=torch.long)  # a copy: labels may be mmapped
         except DataError:
             raise  # bad labels are the data's fault, not one sample's: stop with the error
         except Exception as e:  # noqa: BLE001 - a sample that cannot be read is skipped, never the run's end
@@ -344,7 +332,7 @@ class HeadStream:
         if len(media) != 1 or "labels" not in parts:
             raise ValueError(f"a tar sample needs one image or video member and a .labels member, has {sorted(parts)}")
         labels = np.array([int(x) for x in re.split(r"[\s,]+", parts["labels"].decode().strip())], dtype=np.int64)
-        check_labels(labels[None], self.num_classes, self.head.labels_per_step, "its .labels")
+        check_sample_labels(labels, self.num_classes, self.head.labels_per_step, f"head {self.head.name}, a tar sample's .labels")
         return parts[media[0]], media[0].rsplit(".", 1)[-1], labels
 
     def next_batch(self, image_size: int) -> HeadBatch:
@@ -373,6 +361,7 @@ class HeadStream:
         self.last_failures = failures
         inputs = collate_patch_lists([(p, pos) for p, pos, _ in done])
         width = max(len(lab) for _, _, lab in done)
-        # rows of fewer labels (tar samples) are padded by repeating them, as published
+        # tar samples may carry different numbers of labels: shorter rows are padded by repeating them, as
+        # published for OCR tags
         labels = torch.stack([lab.repeat(-(-width // len(lab)))[:width] for _, _, lab in done])
         return HeadBatch(inputs, labels, skipped)

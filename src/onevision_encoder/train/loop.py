@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -46,7 +47,11 @@ def build_model(config: TrainConfig):
         model = AutoModel.from_config(OneVisionEncoderConfig(**m.config), attn_implementation=m.attn_implementation)
     model = model.float()
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        no_reentrant = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; 4.57 has only the old one
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=no_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=no_reentrant)
     if not model.config.use_head:
         raise ValueError("training needs the pooling head (model config use_head: true): the loss uses pooler_output")
     return model
@@ -179,7 +184,7 @@ class Trainer:
         self.step = checkpoint.step
         if self.rank == 0:
             print(f"ove train: resumed from {checkpoint.folder} (step {self.step}, {checkpoint.world_size} ranks)",
-                  flush=True)
+                  file=sys.stderr, flush=True)
 
     def _reshard(self, checkpoint: Checkpoint):
         """Centre shards and their moments cut again for this number of ranks; RNG and data positions taken
