@@ -40,7 +40,7 @@ def _tiny_config(root, out, steps=8, videos=True, **run) -> dict:
     if videos:
         heads.append({"name": "videos", "inputs": [str(root / "videos")], "labels": str(root / "video_labels.npy"),
                       "num_classes": VIDEO_CLASSES, "batch_size": 4, "labels_per_step": 2, "frames": 16,
-                      "budget": 32, "clip_frames": 4, "video_size": 32})
+                      "budget": 64, "clip_frames": 4, "video_size": 32})
     return {"run": {"out": str(out), "steps": steps, "log_every": 1, "save_every": 4, "progress": False, **run},
             "model": {"config": TINY_MODEL}, "optim": {"lr": 1e-3, "warmup_steps": 2},
             "stages": [{"steps": steps // 2, "image_size": 32}, {"steps": steps - steps // 2, "image_size": 48}],

@@ -233,6 +233,7 @@ class HeadStream:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = StreamPosition()
         self.skipped_total = 0
+        self.last_failures: list[str] = []  # what the last batch skipped, one line each
         self.shards = [name for given in head.inputs for name in _expand_braces(given)] \
             if all(is_shard(i) for i in head.inputs) else None
         if self.shards is None and any(is_shard(i) for i in head.inputs):

@@ -245,6 +245,9 @@ class Trainer:
         last = len(self.losses) - 1
         for i, (head, loss_fn, stream) in enumerate(zip(config.heads, self.losses, self.streams)):
             batch = stream.next_batch(image_size)
+            for failure in stream.last_failures:
+                print(f"ove train: skipped a sample of head {head.name} (rank {self.rank}): {failure}",
+                      file=sys.stderr)
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
             sync = self.model.no_sync() if self.world_size > 1 and i < last else contextlib.nullcontext()
             with sync:
