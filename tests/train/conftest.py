@@ -1,0 +1,78 @@
+"""Small generated training data for the `ove train` tests: images and videos with labels, and a config of a
+tiny model (hidden 64, one layer, 8 px patches, 32 px images) that trains on them in well under a second
+a step on a 2-core CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from onevision_encoder.synthetic import write_image, write_video
+
+NUM_IMAGES, NUM_VIDEOS, IMAGE_CLASSES, VIDEO_CLASSES = 16, 4, 16, 8
+TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "patch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def training_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    os.makedirs(root / "images")
+    os.makedirs(root / "videos")
+    for i in range(NUM_IMAGES):
+        write_image(root / "images" / f"{i:02d}.png", width=48, height=40, seed=i)
+    for i in range(NUM_VIDEOS):
+        write_video(root / "videos" / f"{i}.mp4", num_frames=24, width=64, height=48, seed=i,
+                    scene=("objects", "pan")[i % 2])
+    rng = np.random.default_rng(0)
+    np.save(root / "image_labels.npy", rng.integers(0, IMAGE_CLASSES, (NUM_IMAGES, 4)))
+    np.save(root / "video_labels.npy", rng.integers(0, VIDEO_CLASSES, (NUM_VIDEOS, 4)))
+    return root
+
+
+def _tiny_config(root, out, steps=8, videos=True, **run) -> dict:
+    """A run of `steps` steps on `training_data`: an image head (and a video head of all three forms)."""
+    heads = [{"name": "images", "inputs": [str(root / "images")], "labels": str(root / "image_labels.npy"),
+              "num_classes": IMAGE_CLASSES, "batch_size": 8, "labels_per_step": 2, "sample_rate": 0.5}]
+    if videos:
+        heads.append({"name": "videos", "inputs": [str(root / "videos")], "labels": str(root / "video_labels.npy"),
+                      "num_classes": VIDEO_CLASSES, "batch_size": 4, "labels_per_step": 2, "frames": 16,
+                      "budget": 64, "clip_frames": 4, "video_size": 32})
+    return {"run": {"out": str(out), "steps": steps, "log_every": 1, "save_every": 4, "progress": False, **run},
+            "model": {"config": TINY_MODEL}, "optim": {"lr": 1e-3, "warmup_steps": 2},
+            "stages": [{"steps": steps // 2, "image_size": 32}, {"steps": steps - steps // 2, "image_size": 48}],
+            "heads": heads}
+
+
+def _ove_train(*args, nproc: int = 1, **popen):
+    """`ove train ARGS` in a fresh process (one thread, as CI), under torchrun when nproc > 1."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, "-m", "onevision_encoder.cli", "train", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.fixture
+def tiny_config(training_data):
+    """config(out, steps=8, videos=True, **run keys) -> a config dict for the generated data."""
+    return lambda out, **kw: _tiny_config(training_data, out, **kw)
+
+
+@pytest.fixture(scope="session")
+def ove_train():
+    """ove_train(*args, nproc=1) -> the Popen of `ove train ARGS` (under torchrun for nproc > 1)."""
+    return _ove_train
+
+
+@pytest.fixture(scope="session")
+def write_config():
+    def write(path, config: dict) -> str:
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return str(path)
+
+    return write
