@@ -40,7 +40,7 @@ from ..codec import select_patches
 from ..encode.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, discover_inputs
 from ..processing import (collate_patch_lists, grid_positions, image_processor, normalize, patchify, resize_frames,
                           temporal_slots)
-from ..video import VideoFile, sample_indices
+from ..codec.video import VideoFile, sample_indices
 from .concepts import read_labels
 from .config import HeadConfig
 
