@@ -89,6 +89,13 @@ class _SquareFrames:
         self._wait_behind([], job)
         return job
 
+    def plane(self, frame) -> Future:
+        """The frame's full-resolution luma (uint8, 8-bit full range: FFmpeg's "gray"), to come. Its own
+        scaler: one reused for another size would be set up again each time."""
+        job = self.submit(lambda: self._scaler("plane").reformat(frame, format="gray").to_ndarray())
+        self._wait_behind([], job)
+        return job
+
     def finish(self) -> np.ndarray | None:
         """Wait for every frame. A slot whose frame never came (the stream ended early, or the decoder dropped
         a broken frame) repeats the nearest earlier one (the first one, for leading slots). Returns, per slot,
