@@ -23,6 +23,8 @@ from __future__ import annotations
 from concurrent.futures import Future
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .block_matching import _camera_free_magnitude, block_motion
 from .cells import CELL, _cell_shape, _CellsToPatches
@@ -71,14 +73,11 @@ def reference_motion(mvs: np.ndarray | None, rows: int, cols: int) -> np.ndarray
 
 
 def cell_means(plane: np.ndarray, cell: int) -> np.ndarray:
-    """Mean of each `cell`x`cell` cell of a 2-D array (edge cells: the mean of what lies inside)."""
-    h, w = plane.shape
-    rows, cols = _cell_shape(h, w, cell)
-    padded = np.zeros((rows * cell, cols * cell), np.float32)
-    padded[:h, :w] = plane
-    counts = np.zeros_like(padded)
-    counts[:h, :w] = 1
-    return padded.reshape(rows, cell, cols, cell).sum((1, 3)) / counts.reshape(rows, cell, cols, cell).sum((1, 3))
+    """Mean of each `cell`x`cell` cell of a 2-D array (edge cells: the mean of what lies inside), float32.
+    torch's average pooling: NumPy's sum over a strided [rows, cell, cols, cell] view took 8 ms on a 1280x720
+    frame, 15x longer (the sums are of whole numbers, exact either way)."""
+    x = torch.from_numpy(np.ascontiguousarray(plane)).to(torch.float32)[None]
+    return F.avg_pool2d(x, cell, ceil_mode=True)[0].numpy()
 
 
 def frame_difference(plane: np.ndarray, previous: np.ndarray) -> np.ndarray:
