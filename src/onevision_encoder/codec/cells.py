@@ -82,6 +82,41 @@ class _WorkMap:
         return np.where(self.valid, display[..., self.rows[:, None], self.cols[None, :]], 0).astype(np.float32)
 
 
+def _overlaps(cells: int, cell: int, length: int, resized: int, offset: int, patch: int, patches: int) -> np.ndarray:
+    """`[patches, cells]`: along one axis, how many square pixels of patch i cell j covers (cell j spans
+    decoded pixels [j*cell, (j+1)*cell) of `length`, resized to `resized` and shifted by -`offset`)."""
+    edges = np.minimum(np.arange(cells + 1) * cell, length) * resized / length - offset
+    bounds = np.arange(patches + 1) * patch
+    low = np.maximum(bounds[:-1, None], edges[None, :-1])
+    high = np.minimum(bounds[1:, None], edges[None, 1:])
+    return np.clip(high - low, 0, None)
+
+
+@dataclass
+class _CellsToPatches:
+    """Sums a map on the cell grid (decoded orientation) over each patch of the model's square, every cell
+    weighted by the area it covers there: `rows @ cells @ cols.T`, exact for a map constant over each cell,
+    where sampling it at the working grid's pixels gives each patch 16 samples."""
+
+    turns: int
+    rows: np.ndarray  # [patch rows, cell rows], display orientation
+    cols: np.ndarray  # [patch cols, cell cols]
+
+    @classmethod
+    def for_map(cls, wmap: "_WorkMap", cell: int, patch_size: int) -> "_CellsToPatches":
+        plan = wmap.plan
+        offset = 1 if plan.mode == "crop" else -1  # crop: square = picture - top; letterbox: + top
+        patches = plan.size // patch_size
+        cell_rows, cell_cols = _cell_shape(plan.height, plan.width, cell)
+        rows = _overlaps(cell_rows, cell, plan.height, plan.resized_height, offset * plan.top, patch_size, patches)
+        cols = _overlaps(cell_cols, cell, plan.width, plan.resized_width, offset * plan.left, patch_size, patches)
+        return cls(wmap.turns, rows.astype(np.float32), cols.astype(np.float32))
+
+    def __call__(self, cells: np.ndarray) -> np.ndarray:
+        display = np.rot90(cells, self.turns) if self.turns else cells
+        return self.rows @ display.astype(np.float32) @ self.cols.T
+
+
 def luma_cells(frame, cell: int = CELL, reformatter: VideoReformatter | None = None) -> np.ndarray:
     """Mean luma (0..255, full range) of each `cell`x`cell`-pixel cell of a decoded frame, as float32
     [ceil(H/cell), ceil(W/cell)]. FFmpeg's area scaler averages the cells and converts any pixel format
