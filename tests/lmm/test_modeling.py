@@ -1,0 +1,162 @@
+"""The OneVision LLaVA model: mixed batches against samples alone, generation with the KV cache, save/load,
+other LMs as text_config, and bad input."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, BertConfig, LlamaConfig, Qwen2Config
+
+from onevision_encoder.lmm import OneVisionLlavaConfig, OneVisionLlavaProcessor
+from onevision_encoder.synthetic import write_image, write_video
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+QUESTION = "what colour is the shape?"
+
+
+def user(*content):
+    return [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmm_media")
+    images = [Image.open(write_image(root / f"i{k}.png", width=w, height=h, seed=k)) for k, (w, h) in
+              enumerate([(70, 42), (30, 56), (44, 44)])]
+    video = write_video(root / "v.mp4", num_frames=24, width=96, height=64, seed=3)["path"]
+    return images, video
+
+
+@pytest.fixture(scope="module")
+def small_processor(tokenizer):
+    """Native-resolution images and a codec video on a 4x4 grid, so the tiny model runs in a blink."""
+    return OneVisionLlavaProcessor(tokenizer, image_mode="native", video_frames=8, video_budget=40, video_size=56)
+
+
+@pytest.fixture(scope="module")
+def conversations(media):
+    (a, b, c), video = media
+    image = lambda x: {"type": "image", "image": x}  # noqa: E731
+    return [
+        user(),  # text only
+        user(image(a)),
+        user(image(b), image(c)),
+        user({"type": "video", "video": video}),
+        user(image(c), {"type": "video", "video": video}),
+    ]
+
+
+def real_logits(model, batch):
+    logits = model(**batch).logits
+    return [row[mask.bool()] for row, mask in zip(logits, batch["attention_mask"])]
+
+
+def test_every_sample_alone_gives_its_logits_in_a_mixed_batch(model, small_processor, conversations):
+    batch = small_processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True)
+    assert batch["pixel_values"].shape[0] == 6  # 1 + 2 + 1 + 2 visual items, one encoder batch
+    assert len(set(batch["patch_attention_mask"].sum(1).tolist())) > 1  # items of different lengths: padded
+    assert (batch["attention_mask"][:, 0] == 0).any()  # left padding
+    with torch.no_grad():
+        together = real_logits(model, batch)
+        for i, conversation in enumerate(conversations):
+            alone = small_processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+            (logits,) = real_logits(model, alone)
+            torch.testing.assert_close(together[i], logits, **TOL, msg=f"sample {i}")
+
+
+def test_visual_tokens_replace_placeholders_in_text_order(model, small_processor, media):
+    """Swapping the two images of a sample changes its logits: each placeholder takes its own item."""
+    (a, b, _), _ = media
+    text = "<image> and <image> ?"
+    with torch.no_grad():
+        ab = model(**small_processor(text=text, images=[a, b])).logits
+        ba = model(**small_processor(text=text, images=[b, a])).logits
+    assert ab.shape != ba.shape or not torch.allclose(ab, ba, atol=1e-3)
+    n_a = len(small_processor.image_item(a))
+    assert (small_processor(text=text, images=[a, b])["input_ids"][0][:n_a] == model.config.image_token_id).all()
+
+
+def test_generation_with_cache_equals_without_and_encodes_once(model, small_processor, conversations):
+    batch = small_processor.apply_chat_template(conversations[1:4], add_generation_prompt=True, tokenize=True)
+    calls = []
+    hook = model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        cached = model.generate(**batch, use_cache=True, **settings)
+        assert len(calls) == 1  # visual tokens computed once, at the prefill
+        uncached = model.generate(**batch, use_cache=False, **settings)
+        assert len(calls) == 1 + 6  # without a cache every step re-encodes: the count above could fail
+    finally:
+        hook.remove()
+    assert cached.shape == (3, batch["input_ids"].shape[1] + 6)
+    torch.testing.assert_close(cached, uncached)
+
+
+def test_save_and_from_pretrained_round_trip(model, small_processor, conversations, tmp_path):
+    batch = small_processor.apply_chat_template(conversations[4], tokenize=True)
+    model.save_pretrained(tmp_path)
+    small_processor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    lm = loaded.language_model
+    assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()  # still tied
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert (processor.image_mode, processor.video_budget, processor.video_size) == ("native", 40, 56)
+    again = processor.apply_chat_template(conversations[4], tokenize=True)
+    torch.testing.assert_close(again["pixel_values"], batch["pixel_values"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**again).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config_class", [Qwen2Config, LlamaConfig])
+def test_other_causal_lms_as_text_config(tokenizer, small_processor, conversations, config_class, make_model,
+                                        make_text_config):
+    model = make_model(tokenizer, make_text_config(len(tokenizer), config_class))
+    assert type(model.language_model).__name__.startswith(config_class.__name__[:-6])
+    batch = small_processor.apply_chat_template(conversations[1:3], add_generation_prompt=True, tokenize=True)
+    with torch.no_grad():
+        together = real_logits(model, batch)
+        (alone,) = real_logits(model, small_processor.apply_chat_template(conversations[2], add_generation_prompt=True,
+                                                                          tokenize=True))
+    torch.testing.assert_close(together[1], alone, **TOL)
+
+
+def test_vision_features_are_the_second_to_last_layer_projected(model, small_processor, media):
+    (a, _, _), _ = media
+    batch = small_processor(text="<image>", images=[a])
+    with torch.no_grad():
+        out = model(**batch)
+        hidden = model.vision_tower(batch["pixel_values"], patch_positions=batch["patch_positions"],
+                                    output_hidden_states=True).hidden_states
+        layer = model.vision_tower.encoder.layers[-1]
+        projector = model.multi_modal_projector
+        expected = projector.linear_2(torch.nn.functional.gelu(projector.linear_1(hidden[-2][0])))
+    assert len(hidden) == model.config.vision_config.num_hidden_layers + 1 and layer is not None
+    torch.testing.assert_close(out.visual_hidden_states, expected)
+
+
+def test_placeholder_count_mismatch_names_the_sample(model, small_processor, media):
+    (a, b, _), _ = media
+    batch = small_processor(text=["<image> ?", "<image> <image> ?"], images=[[a], [a, b]])
+    ids = batch["input_ids"].clone()
+    ids[1, (ids[1] == model.config.image_token_id).nonzero()[0]] = 7  # sample 1 loses one placeholder token
+    with pytest.raises(ValueError, match="sample 1 has"):
+        model(**{**batch, "input_ids": ids})
+    with pytest.raises(ValueError, match=r"1 visual item\(s\) \(from item 3 on\) have no placeholder"):
+        model(**{**batch, "pixel_values": torch.cat([batch["pixel_values"], batch["pixel_values"][:1]]),
+                 "patch_positions": torch.cat([batch["patch_positions"], batch["patch_positions"][:1]]),
+                 "patch_attention_mask": torch.cat([batch["patch_attention_mask"],
+                                                    batch["patch_attention_mask"][:1]])})
+    with pytest.raises(ValueError, match=r"sample\(s\) \[0, 1\] have visual placeholder tokens but no pixel_values"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_text_config_that_is_not_a_causal_lm_is_refused():
+    from transformers import CLIPVisionConfig
+
+    with pytest.raises(ValueError, match="'clip_vision_model'.*no causal LM class"):
+        OneVisionLlavaConfig(text_config=CLIPVisionConfig())
+    with pytest.raises(ValueError, match="needs a 'model_type'"):
+        OneVisionLlavaConfig(text_config={"hidden_size": 8})
+    assert OneVisionLlavaConfig(text_config=BertConfig(is_decoder=True)).text_config.model_type == "bert"
