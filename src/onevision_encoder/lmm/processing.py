@@ -132,7 +132,8 @@ class OneVisionLlavaProcessor(ProcessorMixin):
     Args:
         tokenizer: any transformers tokenizer; `image_token` and `video_token` are added to it if missing.
         chat_template: Jinja template for `apply_chat_template`; default ChatML with image/video items.
-        image_mode: `"anyres"` or `"native"`; max_pixels and downscale_images apply to native mode.
+        image_mode: `"anyres"` or `"native"`; pinpoints ((width, height) canvases) apply to anyres mode,
+            max_pixels and downscale_images to native mode.
         video_mode: `"codec"` or `"uniform"`; video_frames, video_budget and video_size (the letterboxed square's
             side, 504 = 36 patches) set their frame count, patch count and grid.
         patch_size: the encoder's patch size (14).
@@ -146,6 +147,7 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         tokenizer=None,
         chat_template: str | None = None,
         image_mode: str = "anyres",
+        pinpoints=ANYRES_PINPOINTS,
         max_pixels: int = NATIVE_MAX_PIXELS,
         downscale_images: bool = False,
         video_mode: str = "codec",
@@ -165,6 +167,9 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         if missing:
             tokenizer.add_tokens(missing, special_tokens=True)
         self.image_mode, self.max_pixels, self.downscale_images = image_mode, max_pixels, downscale_images
+        self.pinpoints = [list(p) for p in pinpoints]
+        if any(len(p) != 2 or p[0] % patch_size or p[1] % patch_size for p in self.pinpoints):
+            raise ValueError(f"pinpoints must be (width, height) pairs in whole {patch_size}-px patches, got {pinpoints}")
         self.video_mode, self.video_budget, self.video_size = video_mode, video_budget, video_size
         self.patch_size = patch_size
         self.video_frames = video_frames or (CODEC_FRAMES if video_mode == "codec" else UNIFORM_FRAMES)
@@ -179,7 +184,7 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         """One image as a patch list, in this processor's image mode."""
         picture = _open_image(image, name)
         if self.image_mode == "anyres":
-            return image_patch_list(anyres_image(picture), self.patch_size)
+            return image_patch_list(anyres_image(picture, self.pinpoints), self.patch_size)
         try:
             pixels = native_image(picture, self.patch_size, self.max_pixels, self.downscale_images)
         except ValueError as e:
