@@ -1,6 +1,8 @@
 """The OneVision LLaVA model: mixed batches against samples alone, generation with the KV cache, save/load,
 other LMs as text_config, and bad input."""
 
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -160,3 +162,25 @@ def test_text_config_that_is_not_a_causal_lm_is_refused():
     with pytest.raises(ValueError, match="needs a 'model_type'"):
         OneVisionLlavaConfig(text_config={"hidden_size": 8})
     assert OneVisionLlavaConfig(text_config=BertConfig(is_decoder=True)).text_config.model_type == "bert"
+
+
+def test_a_model_from_a_pretrained_encoder_and_llm(tokenizer, make_text_config, tmp_path):
+    """Stage 1 starts from an encoder checkpoint of ours (published layout) and any LLM folder."""
+    from onevision_encoder import OneVisionEncoderModel
+    from onevision_encoder.lmm import OneVisionLlavaForConditionalGeneration
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(2)
+    Qwen3ForCausalLM(make_text_config(len(tokenizer))).save_pretrained(tmp_path / "llm")
+    tiny_p14 = os.path.join(os.path.dirname(__file__), "..", "data", "tiny-p14")
+    model = OneVisionLlavaForConditionalGeneration.from_encoder_and_llm(
+        tiny_p14, tmp_path / "llm", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>")).eval()
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.multi_modal_projector.linear_1.weight.std() > 0
+    encoder = OneVisionEncoderModel.from_pretrained(tiny_p14)
+    torch.testing.assert_close(model.vision_tower.state_dict(), encoder.state_dict())
+    ids = torch.tensor([[2, 10, 11, 12]])
+    with torch.no_grad():
+        expected = Qwen3ForCausalLM.from_pretrained(tmp_path / "llm")(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, expected)

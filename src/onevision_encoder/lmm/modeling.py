@@ -14,6 +14,7 @@ The flow of one forward pass:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,26 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         self.multi_modal_projector = OneVisionLlavaProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+
+    @classmethod
+    def from_encoder_and_llm(cls, encoder, llm, image_token_id: int | None = None, video_token_id: int | None = None,
+                             **load_kwargs) -> "OneVisionLlavaForConditionalGeneration":
+        """A new model from a pretrained encoder and a pretrained causal LM (hub ids, folders or loaded
+        models) with a freshly initialised projector: the start of training stage 1. load_kwargs (e.g.
+        dtype) go to both `from_pretrained` calls. Each part's weights are loaded once, not allocated twice."""
+        if isinstance(encoder, (str, os.PathLike)):
+            encoder = OneVisionEncoderModel.from_pretrained(encoder, **load_kwargs)
+        if isinstance(llm, (str, os.PathLike)):
+            llm = AutoModelForCausalLM.from_pretrained(llm, **load_kwargs)
+        ids = {k: v for k, v in (("image_token_id", image_token_id), ("video_token_id", video_token_id)) if v is not None}
+        config = OneVisionLlavaConfig(vision_config=encoder.config, text_config=llm.config, **ids)
+        with torch.device("meta"):  # the parts come loaded: build only the skeleton
+            model = cls(config)
+        model.vision_tower, model.language_model = encoder, llm
+        weight = llm.get_input_embeddings().weight
+        model.multi_modal_projector = OneVisionLlavaProjector(config).to(device=weight.device, dtype=weight.dtype)
+        model._init_weights(model.multi_modal_projector)
+        return model
 
     # The text side belongs to the LM: embeddings, head and their resizing are its own.
     def get_input_embeddings(self) -> nn.Module:
