@@ -30,7 +30,7 @@ def test_ove_encode_native_keeps_the_whole_page(tmp_path):
     features are the model's on that image."""
     path = write_image(tmp_path / "page.png", width=100, height=60, seed=4)
     assert main(["encode", str(path), "--model", TINY, "--mode", "image", "--resolution", "native", "--tokens",
-                 "--out", str(tmp_path / "out")]) == 0
+                 "--workers", "0", "--out", str(tmp_path / "out")]) == 0
     encoder = Encoder(TINY, mode="image", resolution="native", tokens=True, workers=0, progress=False)
     features = encoder.encode([path])
     assert features.records[0]["size"] == "native" and features.records[0]["num_tokens"] == 4 * 7

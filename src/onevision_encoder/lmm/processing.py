@@ -235,6 +235,7 @@ class OneVisionLlavaProcessor(ProcessorMixin):
             expanded.append("".join(out))
         kwargs.setdefault("padding", True)
         kwargs.setdefault("padding_side", "left")
+        kwargs.setdefault("return_token_type_ids", False)  # the model has none (transformers 4.x adds them)
         data = dict(self.tokenizer(expanded, return_tensors=return_tensors, **kwargs))
         if items:
             batch = collate_patch_lists(items)
