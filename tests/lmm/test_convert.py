@@ -95,6 +95,8 @@ def write_folder(path, config, tensors=None, name="model.safetensors"):
     ("no_projector", r"the weights lack model.mm_projector.2.weight"),
     ("other_projector", r"mm_projector_type 'spatial_merge' is not supported"),
     ("width", r"mm_hidden_size 1024 differs from the vision tower's width 128"),
+    ("llm_shape", r"weight 'model.norm.weight' has shape \[32\], the config implies \[64\]"),
+    ("llm_missing", r"the weights lack 1 tensor\(s\) of the model, e.g. 'language_model.model.norm.weight'"),
     ("no_config", r"has no config.json"),
 ])
 def test_sources_in_other_layouts_are_one_clear_error_and_write_nothing(published, tmp_path, capsys, case, message):
@@ -113,6 +115,12 @@ def test_sources_in_other_layouts_are_one_clear_error_and_write_nothing(publishe
         write_folder(bad, config, {k: v for k, v in vision.items() if not k.startswith("model.mm_projector.2")})
     elif case == "other_projector":
         write_folder(bad, {**config, "mm_projector_type": "spatial_merge"}, vision)
+    elif case in ("llm_shape", "llm_missing"):
+        llm = {k: v for f in src.glob("model-0*.safetensors") for k, v in load_file(f).items()}
+        llm["model.norm.weight"] = torch.ones(32)
+        if case == "llm_missing":
+            del llm["model.norm.weight"]
+        write_folder(bad, config, {**vision, **llm})
     elif case == "width":
         write_folder(bad, {**config, "mm_hidden_size": 1024}, vision)
     else:

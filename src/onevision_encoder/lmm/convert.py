@@ -27,9 +27,6 @@ VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_KEYS = {"model.mm_projector.0.": "multi_modal_projector.linear_1.",
                   "model.mm_projector.2.": "multi_modal_projector.linear_2."}
 REQUIRED_CONFIG_KEYS = ("mm_projector_type", "mm_hidden_size", "mm_vision_select_layer")
-# LLaVA-NeXT's own settings and bookkeeping: read here, never part of the LLM's config.
-LLAVA_ONLY_PREFIXES = ("mm_", "image_", "tokenizer_", "tune_", "freeze_", "unfreeze_", "use_mm_", "add_faster_video",
-                       "faster_token_stride", "vision_", "pos_skipping_range", "max_num_", "pretrain_")
 LLM_TYPES = {"llava_qwen3": "qwen3", "llava_qwen": "qwen2", "llava_llama": "llama", "llava_mistral": "mistral"}
 SHARD_BYTES = 4 * 1024**3
 
@@ -77,16 +74,14 @@ def _weight_files(src: str) -> list[str]:
 
 
 def rename_key(key: str) -> str:
-    """A published key -> ours (ValueError for a key the published layout does not have)."""
+    """A published key -> ours (LayoutError for a key outside the published model's parts)."""
     if key.startswith(VISION_PREFIX):
         return "vision_tower." + key[len(VISION_PREFIX):]
     for old, new in PROJECTOR_KEYS.items():
         if key.startswith(old):
             return new + key[len(old):]
-    if key.startswith(("model.vision_tower.", "model.mm_projector.", "model.vision_resampler.", "model.image_newline")):
-        raise LayoutError(f"weight {key!r} is not part of the published layout (flat mlp2x_gelu, no resampler)")
-    if key.startswith("model.") or key.startswith("lm_head."):
-        return "language_model." + key
+    if key.startswith(("model.", "lm_head.")):
+        return "language_model." + key  # the check against the model's own keys catches the rest
     raise LayoutError(f"weight {key!r} is not part of the published layout (expected model.* or lm_head.*)")
 
 
@@ -101,24 +96,49 @@ def _encoder_config(shapes: dict[str, tuple], vision_config: str | None, config:
     if patch is None:
         raise LayoutError(f"the weights lack {VISION_PREFIX}embeddings.patch_embedding.weight: no vision tower")
     hidden, channels, patch_size = patch[0], patch[1], patch[2]
+    fc1 = shapes.get(prefix + "encoder.layers.0.mlp.fc1.weight")
+    if fc1 is None:
+        raise LayoutError(f"the weights lack {VISION_PREFIX}encoder.layers.0.mlp.fc1.weight: no encoder layers")
     layers = 1 + max(int(k.split(".")[3]) for k in shapes if k.startswith(prefix + "encoder.layers."))
     return OneVisionEncoderConfig(
         hidden_size=hidden, num_channels=channels, patch_size=patch_size, num_hidden_layers=layers,
-        intermediate_size=shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0], num_attention_heads=hidden // 64,
+        intermediate_size=fc1[0], num_attention_heads=hidden // 64,
         layer_norm_type="layer_norm" if prefix + "layernorm_pre.bias" in shapes else "rms_norm",
         use_head=prefix + "head.probe" in shapes,
     )
 
 
 def _text_config(config: dict):
+    """The LLM's config: the keys its config class knows (LLaVA-NeXT's own settings and bookkeeping dropped)."""
+    from transformers import CONFIG_MAPPING
+
     model_type = config.get("model_type", "")
     llm_type = LLM_TYPES.get(model_type, model_type.removeprefix("llava_"))
-    llm_keys = {k: v for k, v in config.items() if not k.startswith(LLAVA_ONLY_PREFIXES)
-                and k not in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")}
-    try:
-        return AutoConfig.for_model(llm_type, **llm_keys)
-    except ValueError as e:
-        raise LayoutError(f"model_type {model_type!r}: no transformers LLM of type {llm_type!r} ({e})") from None
+    if llm_type not in CONFIG_MAPPING:
+        raise LayoutError(f"model_type {model_type!r}: transformers has no LLM of type {llm_type!r}")
+    known = set(CONFIG_MAPPING[llm_type]().to_dict()) - {"model_type", "architectures", "transformers_version"}
+    return AutoConfig.for_model(llm_type, **{k: v for k, v in config.items() if k in known})
+
+
+def _check_against(config: OneVisionLlavaConfig, shapes: dict[str, tuple], published: dict[str, tuple]) -> None:
+    """The renamed weights must be exactly the model's (a tied lm_head may be absent), with its shapes."""
+    import torch
+
+    from .modeling import OneVisionLlavaForConditionalGeneration
+
+    with torch.device("meta"):  # no memory: only names and shapes
+        expected = {k: tuple(v.shape) for k, v in OneVisionLlavaForConditionalGeneration(config).state_dict().items()}
+    unexpected = [published[k] for k in shapes if k not in expected]
+    if unexpected:
+        raise LayoutError(f"weight {unexpected[0]!r} is not part of the published layout (flat mlp2x_gelu, the "
+                          f"encoder, the LLM){f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}")
+    tied = {"language_model.lm_head.weight"} if getattr(config.text_config, "tie_word_embeddings", False) else set()
+    missing = [k for k in expected if k not in shapes and k not in tied]
+    if missing:
+        raise LayoutError(f"the weights lack {len(missing)} tensor(s) of the model, e.g. {missing[0]!r}")
+    for key, shape in shapes.items():
+        if shape != expected[key]:
+            raise LayoutError(f"weight {published[key]!r} has shape {list(shape)}, the config implies {list(expected[key])}")
 
 
 def _shards(shapes: dict[str, tuple], sizes: dict[str, int]) -> list[list[str]]:
@@ -139,14 +159,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, vision_config: str |
     if os.path.exists(dst):
         raise ValueError(f"{dst} exists already: give a new folder")
     config = _read_config(src)
-    where, shapes, sizes = {}, {}, {}
+    where, shapes, sizes, published = {}, {}, {}, {}
     for path in _weight_files(src):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 ours = rename_key(key)
                 piece = f.get_slice(key)
                 shape = tuple(piece.get_shape())
-                where[ours], shapes[ours] = (path, key), shape
+                where[ours], shapes[ours], published[ours] = (path, key), shape, key
                 sizes[ours] = max(1, math.prod(shape)) * _itemsize(piece.get_dtype())
     for needed in ("multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight"):
         if needed not in shapes:
@@ -159,6 +179,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, vision_config: str |
                           f"{encoder.hidden_size}")
     ours = OneVisionLlavaConfig(vision_config=encoder, text_config=text,
                                 vision_feature_layer=config["mm_vision_select_layer"])
+    _check_against(ours, shapes, published)
     processor = _processor(src, config)
     if processor is not None:
         ours.image_token_id, ours.video_token_id = processor.image_token_id, processor.video_token_id
