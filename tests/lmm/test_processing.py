@@ -93,7 +93,7 @@ def test_chat_template_places_items_in_order(processor):
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nand"
                     "<video>\n?<|im_end|>\n<|im_start|>assistant\n")
-    assert processor._placeholders(text, {"<image>": "image", "<video>": "video"}) == ["image", "video"]
+    assert processor.placeholder_kinds(text) == ["image", "video"]
 
 
 def test_bad_input_is_one_clear_error_naming_the_item(processor, tmp_path):

@@ -216,8 +216,7 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("text is needed: the placeholders in it say where each image and video goes")
         texts = [text] if isinstance(text, str) else list(text)
-        marks = {self.image_token: "image", self.video_token: "video"}
-        order = [self._placeholders(t, marks) for t in texts]
+        order = [self.placeholder_kinds(t) for t in texts]
         per_image = _per_sample(images, [o.count("image") for o in order], "image")
         per_video = _per_sample(videos, [o.count("video") for o in order], "video")
         items, expanded = [], []
@@ -243,9 +242,9 @@ class OneVisionLlavaProcessor(ProcessorMixin):
                         patch_attention_mask=batch["attention_mask"])
         return BatchFeature(data=data, tensor_type=None)
 
-    def _placeholders(self, text: str, marks: dict[str, str]) -> list[str]:
+    def placeholder_kinds(self, text: str) -> list[str]:
         """The kinds ("image"/"video") of the placeholders of `text`, in order."""
-        return [marks[m] for m in re.findall(self._pattern, text)]
+        return ["image" if m == self.image_token else "video" for m in re.findall(self._pattern, text)]
 
     def _split(self, text: str) -> list[str]:
         return re.split(self._pattern, text)
@@ -255,11 +254,11 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         return "|".join(re.escape(m) for m in (self.image_token, self.video_token))
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, add_generation_prompt: bool = False,
-                            tokenize: bool = False, return_dict: bool = True, **kwargs):
+                            tokenize: bool = False, **kwargs):
         """Render one conversation (a list of messages) or a batch of them with the chat template. Content may be
         a string or a list of items `{"type": "text", "text": ...}`, `{"type": "image", "image": PIL/path/array}`,
         `{"type": "video", "video": path}`. tokenize=False returns the prompt text(s); tokenize=True returns
-        `__call__`'s BatchFeature with the items in the order they appear."""
+        `__call__`'s BatchFeature with the items in the order they appear (kwargs go to `__call__`)."""
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
         template = chat_template or self.chat_template
