@@ -29,6 +29,6 @@ def test_quickstart_runs_offline(tmp_path):
 def test_lmm_quickstart_runs_offline(tmp_path):
     """A text, an image, a two-image and a video sample in one generate() batch, then save and load."""
     stdout = run_example("lmm_quickstart.py", tmp_path)
-    assert "one batch: 4 samples, 4 visual items of [200, 99, 99, 1152] tokens" in stdout
-    assert len(re.findall(r"^answer: ", stdout, re.M)) == 4
-    assert float(re.search(r"max \|diff\| of the logits (\S+)", stdout).group(1)) < 1e-5
+    assert "one batch: 4 samples, 4 visual items of [200, 99, 99, 1152] tokens" in stdout, stdout
+    assert len(re.findall(r"^answer: ", stdout, re.M)) == 4, stdout
+    assert float(re.search(r"max \|diff\| of the logits (\S+)", stdout).group(1)) < 1e-5, stdout
