@@ -162,3 +162,27 @@ def test_a_tiny_model_learns_the_colour_of_the_shape(checkpoint, data, tmp_path)
     accuracy = answer_accuracy(trainer.model, trainer.processing_class, test_records, root)
     print(f"held-out accuracy {accuracy} (chance 1/3)")
     assert accuracy["image"] >= 0.75 and accuracy["video"] >= 0.75
+
+
+def test_ove_lmm_train_runs_a_config_file(checkpoint, data, tmp_path, capsys):
+    import yaml
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from onevision_encoder.cli import main
+
+    root, train_path, _ = data
+    run = {"model": str(checkpoint), "data": str(train_path), "output_dir": str(tmp_path / "out"), "stage": 1,
+           "image_folder": str(root), "video_folder": str(root),
+           "training": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no",
+                        "disable_tqdm": True}}
+    (tmp_path / "stage1.yaml").write_text(yaml.safe_dump(run))
+    assert main(["lmm", "train", str(tmp_path / "stage1.yaml")]) == 0
+    assert "stage 1, 2 steps; loss" in capsys.readouterr().out
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "out")  # the trained model and its processor saved
+    assert AutoProcessor.from_pretrained(tmp_path / "out").video_budget == 32
+
+    bad = dict(run, data=str(tmp_path / "missing.jsonl"))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["lmm", "train", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "ove lmm train: error:" in err and "missing.jsonl" in err

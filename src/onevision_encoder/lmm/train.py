@@ -141,11 +141,11 @@ def split_parameter_group(optimizer, model, prefix: str, lr: float) -> None:
 
 def train(config: TrainConfig) -> Trainer:
     """Run one stage; the trained model and its processor are saved to `config.output_dir`."""
+    args = training_arguments(config)  # bad settings and data fail before any model is loaded
+    conversations = load_conversations(config.data, config.image_folder, config.video_folder)
     processor = AutoProcessor.from_pretrained(config.processor or config.model)
     model = AutoModelForImageTextToText.from_pretrained(config.model)
-    args = training_arguments(config)
     set_trainable(model, config.stage)
-    conversations = load_conversations(config.data, config.image_folder, config.video_folder)
     dataset = ConversationDataset(conversations, processor, config.max_length, config.cache_visual)
     trainer = OneVisionLlavaTrainer(
         model=model,
