@@ -106,6 +106,8 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         self.vision_tower = OneVisionEncoderModel(config.vision_config)
         self.multi_modal_projector = OneVisionLlavaProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # device_map="auto" must not split the LM's blocks either
+        self._no_split_modules = ["OneVisionEncoderLayer", *(self.language_model._no_split_modules or [])]
         self.post_init()
 
     @classmethod
