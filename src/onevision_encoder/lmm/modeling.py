@@ -146,6 +146,21 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
 
+    def enable_input_require_grads(self) -> None:
+        """Make the outputs of both input embeddings (the LM's tokens, the tower's patches) require grad, so
+        adapters in a frozen LM or tower get gradients under reentrant checkpointing. transformers 5 hooks
+        every sub-model's embeddings itself; 4.x only `get_input_embeddings()`, the LM's."""
+        super().enable_input_require_grads()
+        if not hasattr(self, "_require_grads_hooks"):  # transformers 4.x
+            self._tower_require_grads_hook = self.vision_tower.get_input_embeddings().register_forward_hook(
+                lambda module, inputs, output: output.requires_grad_(True))
+
+    def disable_input_require_grads(self) -> None:
+        super().disable_input_require_grads()
+        if hasattr(self, "_tower_require_grads_hook"):
+            self._tower_require_grads_hook.remove()
+            del self._tower_require_grads_hook
+
     def get_visual_features(
         self, pixel_values: torch.Tensor, patch_positions: torch.Tensor, patch_attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
