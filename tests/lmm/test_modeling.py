@@ -184,3 +184,13 @@ def test_a_model_from_a_pretrained_encoder_and_llm(tokenizer, make_text_config, 
     with torch.no_grad():
         expected = Qwen3ForCausalLM.from_pretrained(tmp_path / "llm")(input_ids=ids).logits
         torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+def test_resizing_the_vocabulary_reaches_the_llm(tokenizer, make_model):
+    """For an LLM without room for <image>/<video>: the LM's embeddings and tied head grow, the config follows."""
+    model = make_model(tokenizer)
+    model.resize_token_embeddings(len(tokenizer) + 5)
+    lm = model.language_model
+    assert lm.get_input_embeddings().weight.shape[0] == model.config.text_config.vocab_size == len(tokenizer) + 5
+    assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
+    assert model(input_ids=torch.tensor([[len(tokenizer) + 4]])).logits.shape[-1] == len(tokenizer) + 5
