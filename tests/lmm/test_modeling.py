@@ -52,7 +52,13 @@ def real_logits(model, batch):
     return [row[mask.bool()] for row, mask in zip(logits, batch["attention_mask"])]
 
 
-def test_every_sample_alone_gives_its_logits_in_a_mixed_batch(model, small_processor, conversations):
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_every_sample_alone_gives_its_logits_in_a_mixed_batch(tokenizer, make_model, small_processor, conversations,
+                                                              backend):
+    model = make_model(tokenizer)
+    model.set_attn_implementation(backend)
+    assert model.vision_tower.config._attn_implementation == backend
+    assert model.language_model.config._attn_implementation == backend
     batch = small_processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True)
     assert batch["pixel_values"].shape[0] == 6  # 1 + 2 + 1 + 2 visual items, one encoder batch
     assert len(set(batch["patch_attention_mask"].sum(1).tolist())) > 1  # items of different lengths: padded
