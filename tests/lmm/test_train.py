@@ -151,7 +151,7 @@ def answer_accuracy(model, processor, records, root):
 def test_a_tiny_model_learns_the_colour_of_the_shape(checkpoint, data, tmp_path):
     """Stage 2 (everything trains; the tiny random model gets larger learning rates than the published 1e-5)."""
     root, _, test_records = data
-    run = config(checkpoint, data, tmp_path, stage=2, learning_rate=3e-3, num_train_epochs=8)
+    run = config(checkpoint, data, tmp_path, stage=2, learning_rate=3e-3, num_train_epochs=10)
     run.vision_tower_lr = 1e-3
     trainer = train(run)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
