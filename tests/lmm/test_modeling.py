@@ -137,11 +137,12 @@ def test_vision_features_are_the_second_to_last_layer_projected(model, small_pro
         out = model(**batch)
         hidden = model.vision_tower(batch["pixel_values"], patch_positions=batch["patch_positions"],
                                     output_hidden_states=True).hidden_states
-        layer = model.vision_tower.encoder.layers[-1]
         projector = model.multi_modal_projector
         expected = projector.linear_2(torch.nn.functional.gelu(projector.linear_1(hidden[-2][0])))
-    assert len(hidden) == model.config.vision_config.num_hidden_layers + 1 and layer is not None
+        last_layer = projector.linear_2(torch.nn.functional.gelu(projector.linear_1(hidden[-1][0])))
+    assert len(hidden) == model.config.vision_config.num_hidden_layers + 1  # embeddings + each layer
     torch.testing.assert_close(out.visual_hidden_states, expected)
+    assert not torch.allclose(out.visual_hidden_states, last_layer, atol=1e-3)  # the tap is not the last layer
 
 
 def test_placeholder_count_mismatch_names_the_sample(model, small_processor, media):
