@@ -62,7 +62,8 @@ class OneVisionLlava(lmms):
         if unknown:
             raise ValueError(f"{MODEL_ID}: unknown model_args {unknown}; known: pretrained, device, dtype, batch_size, "
                              f"attn_implementation, {', '.join(PROCESSOR_OPTIONS)}")
-        accelerator = Accelerator()
+        # lmms-eval shards the documents by rank and gathers the results through this accelerator.
+        self.accelerator = accelerator = Accelerator()
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if device is None:
             device = f"cuda:{accelerator.local_process_index}" if torch.cuda.is_available() else "cpu"
