@@ -31,7 +31,8 @@ from ..processing import PatchClip, collate_patch_lists
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MODALITIES = ("text", "image", "video")
-PLACEHOLDERS = {"image": "<image>", "video": "<video>"}
+PLACEHOLDERS = {"image": "<image>", "video": "<video>"}  # the data format's, whatever the processor's tokens
+_PLACEHOLDER_PATTERN = "|".join(re.escape(m) for m in PLACEHOLDERS.values())
 
 
 @dataclass
@@ -154,20 +155,19 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
                         items: list[PatchClip] | None = None) -> dict:
     """Token ids, labels (-100 outside answers) and the visual items (text order) of one conversation.
 
-    Each placeholder becomes as many placeholder tokens as its item has visual tokens. `items`: the visual
-    items if already made (else they are made here with the processor). Past `max_length` the text is cut at
-    the end; a cut through visual tokens is an error naming the record.
+    Each `<image>`/`<video>` becomes as many of the processor's placeholder tokens as its item has visual
+    tokens. `items`: the visual items if already made (else they are made here with the processor). Past
+    `max_length` the text is cut at the end; a cut through visual tokens is an error naming the record.
     """
     if items is None:
         items = visual_items(processor, conversation)
     tokenizer, queue = processor.tokenizer, iter(items)
-    token_ids = {"<image>": processor.image_token_id, "<video>": processor.video_token_id}
-    split = "(" + "|".join(re.escape(m) for m in (processor.image_token, processor.video_token)) + ")"
+    token_ids = {PLACEHOLDERS["image"]: processor.image_token_id, PLACEHOLDERS["video"]: processor.video_token_id}
     input_ids, labels = [], []
     for text, answer in labelled_pieces(processor, conversation.messages):
-        for chunk in re.split(split, text):
-            if chunk in (processor.image_token, processor.video_token):
-                ids = [token_ids["<image>" if chunk == processor.image_token else "<video>"]] * len(next(queue))
+        for chunk in re.split(f"({_PLACEHOLDER_PATTERN})", text):
+            if chunk in token_ids:
+                ids = [token_ids[chunk]] * len(next(queue))
             elif chunk:
                 ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
             else:
@@ -175,7 +175,7 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
             input_ids += ids
             labels += ids if answer else [IGNORE_INDEX] * len(ids)
     if max_length is not None and len(input_ids) > max_length:
-        placeholder = set(token_ids.values())
+        placeholder = {processor.image_token_id, processor.video_token_id}
         if any(t in placeholder for t in input_ids[max_length:]):
             raise ValueError(f"record {conversation.id!r}: {len(input_ids)} tokens, and cutting them to max_length "
                              f"{max_length} would cut visual tokens; raise max_length or use fewer visual tokens")
@@ -186,12 +186,14 @@ def encode_conversation(processor, conversation: Conversation, max_length: int |
 def visual_items(processor, conversation: Conversation) -> list[PatchClip]:
     """The conversation's images and videos as patch lists, in the order their placeholders appear."""
     text = "".join(m["content"] for m in conversation.messages)
-    queues = {"<image>": iter(enumerate(conversation.images)), "<video>": iter(enumerate(conversation.videos))}
+    queues = {PLACEHOLDERS["image"]: iter(enumerate(conversation.images)),
+              PLACEHOLDERS["video"]: iter(enumerate(conversation.videos))}
     items = []
-    for mark in re.findall("<image>|<video>", text):
+    for mark in re.findall(_PLACEHOLDER_PATTERN, text):
         index, path = next(queues[mark])
         name = f"record {conversation.id!r}: {mark[1:-1]} {index}"
-        items.append(processor.image_item(path, name) if mark == "<image>" else processor.video_item(path, name))
+        image = mark == PLACEHOLDERS["image"]
+        items.append(processor.image_item(path, name) if image else processor.video_item(path, name))
     return items
 
 
