@@ -12,12 +12,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Each sub-command's arguments and runner live beside the work it does.
     from .codec.cli import add_select_parser
     from .encode.cli import add_encode_parser
+    from .lmm.cli import add_lmm_parser
     from .train.cli import add_concepts_parser, add_train_parser
 
     add_select_parser(sub)
     add_encode_parser(sub)
     add_concepts_parser(sub)
     add_train_parser(sub)
+    add_lmm_parser(sub)
     return parser
 
 

@@ -145,14 +145,19 @@ class OneVisionEncoderAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        implementation = self.config._attn_implementation
-        attention: Callable = eager_attention_forward
-        if implementation != "eager" and not output_attentions:  # only eager materialises the weights
-            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        # Looked up at every call, the way transformers' own models do, so that set_attn_implementation()
+        # after loading switches the backend (transformers recognises this pattern by reading the source).
+        attention: Callable = eager_attention_forward  # the only one that materialises the weights
+        if not output_attentions:
+            if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers 5
+                attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, attention)
+            elif self.config._attn_implementation != "eager":  # transformers 4.x
+                attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         mask = None
         if attention_mask is not None:  # (additive [B,1,1,N], 0/1 [B,N]); flash-attn unpads with the latter
             additive, keep = attention_mask
-            mask = keep if implementation.startswith("flash") and attention is not eager_attention_forward else additive
+            flash = "flash" in self.config._attn_implementation and attention is not eager_attention_forward
+            mask = keep if flash else additive
         out, weights = attention(
             self,
             q,
@@ -296,6 +301,18 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def get_input_embeddings(self) -> OneVisionEncoderEmbeddings:
+        """The patch embedding, as a module whose output is the tokens of every input form.
+
+        Not its Conv2d alone: patch lists use the Conv2d's weight as a matrix without calling the module, so a
+        hook there (`enable_input_require_grads`, which adapter training under reentrant gradient checkpointing
+        relies on) would never fire for them.
+        """
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings = value
+
     def _tokens_and_positions(
         self,
         pixel_values: torch.Tensor,
@@ -363,10 +380,14 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
             # dense meaning: the indices only place the tokens on the (up to) 64-slot grid;
             # gather meaning: they pick tokens out of the input frames, whose index is their time slot.
             limit = total if gather else max(frames, cfg.rope_temporal_size) * grid
-            lo, hi = int(visible_indices.min()), int(visible_indices.max())
-            if lo < 0 or hi >= limit:
-                meaning = "input tokens" if gather else f"the {max(frames, cfg.rope_temporal_size)}x{rows}x{cols} grid"
-                raise ValueError(f"visible_indices must lie in [0, {limit}) ({meaning}), got values in [{lo}, {hi}]")
+            if not torch.compiler.is_compiling():  # reads values: checked in eager mode, not in a traced graph
+                lo, hi = int(visible_indices.min()), int(visible_indices.max())
+                if lo < 0 or hi >= limit:
+                    slots = max(frames, cfg.rope_temporal_size)
+                    meaning = "input tokens" if gather else f"the {slots}x{rows}x{cols} grid"
+                    raise ValueError(
+                        f"visible_indices must lie in [0, {limit}) ({meaning}), got values in [{lo}, {hi}]"
+                    )
             visible_indices = visible_indices.to(device)
             if gather:
                 tokens = tokens.gather(1, visible_indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
@@ -452,10 +473,14 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
             got = _shape_or_type(attention_mask)
             raise ValueError(f"attention_mask must be [B, N] = ({b}, {n}) like the tokens, got {got}")
         keep = attention_mask.to(device=device) != 0
-        if not bool(keep.any(dim=1).all()):
-            raise ValueError("attention_mask has a row with no real token (all zeros)")
-        if bool(keep.all()):
-            return None, None  # nothing padded: take the unmasked fast path
+        # Both checks read the mask's values, which torch.compile(fullgraph=True) and torch.export cannot branch
+        # on: eager mode validates and skips an all-ones mask; a traced graph always applies the mask (same
+        # outputs), and an all-zero row there gives meaningless outputs for that row only.
+        if not torch.compiler.is_compiling():
+            if not bool(keep.any(dim=1).all()):
+                raise ValueError("attention_mask has a row with no real token (all zeros)")
+            if bool(keep.all()):
+                return None, None  # nothing padded: take the unmasked fast path
         additive = torch.zeros(b, 1, 1, n, dtype=dtype, device=device)
         additive.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
         return ~keep, (additive, keep.to(torch.int32))

@@ -311,3 +311,40 @@ def collate_patch_lists(clips) -> dict[str, torch.Tensor]:
         positions[i, :k] = pos
         mask[i, :k] = 1
     return {"pixel_values": pixel_values, "patch_positions": positions, "attention_mask": mask}
+
+
+NATIVE_MAX_PIXELS = 1120 * 1120  # the largest published anyres canvas: 6400 tokens of 14 px
+
+
+def native_size(height: int, width: int, patch_size: int = 14, max_pixels: int = NATIVE_MAX_PIXELS,
+                downscale: bool = False) -> tuple[int, int]:
+    """Native resolution: the picture's own size with each side rounded to the nearest multiple of the patch
+    size (at least one patch), so the aspect ratio is kept to within half a patch a side.
+
+    Above `max_pixels` a ValueError names the size, unless `downscale`: then both sides shrink by one factor
+    and round down to whole patches, which fits under the limit.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"an image must have positive sides, got {width}x{height}")
+    p = patch_size
+    h, w = max(p, round(height / p) * p), max(p, round(width / p) * p)
+    if h * w <= max_pixels:
+        return h, w
+    if not downscale:
+        raise ValueError(f"a {width}x{height} image is {w}x{h} pixels at native resolution, over the maximum of "
+                         f"{max_pixels} pixels ({max_pixels // (p * p)} patches of {p} px); raise max_pixels or "
+                         "allow downscaling")
+    scale = (max_pixels / (height * width)) ** 0.5
+    return max(p, int(height * scale / p) * p), max(p, int(width * scale / p) * p)
+
+
+def native_image(image, patch_size: int = 14, max_pixels: int = NATIVE_MAX_PIXELS, downscale: bool = False
+                 ) -> torch.Tensor:
+    """A PIL image at native resolution (`native_size`): bicubic resize (PIL, as the CLIP processor), CLIP
+    normalisation -> `[3, H, W]` float32, no crop and no padding. Documents and charts keep all their content."""
+    image = image.convert("RGB")
+    h, w = native_size(image.height, image.width, patch_size, max_pixels, downscale)
+    if (w, h) != image.size:
+        image = image.resize((w, h), resample=3)  # PIL bicubic
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return normalize(pixels, inplace=True)

@@ -147,12 +147,7 @@ def write_video(
     when grain > 0: see `render_scene`).
     """
     frames, masks, extra = render_scene(scene, num_frames, width, height, seed, grain)
-    path = os.fspath(path)
-    with av.open(path, "w") as container:
-        stream = _open_stream(container, codec, width, height, fps, pix_fmt, dict(opts))
-        for rgb in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode(None))
+    path = write_frames(path, frames, codec, fps, pix_fmt, **opts)
     return {
         "path": path,
         "codec": codec,
@@ -165,6 +160,20 @@ def write_video(
         "moving_masks": masks,
         **extra,
     }
+
+
+def write_frames(path: str | os.PathLike, frames, codec: str = "h264", fps: int = 24, pix_fmt: str | None = None,
+                 **opts) -> str:
+    """Encode RGB frames (uint8 [H, W, 3] each, all one size) of a scene of one's own; codec, pix_fmt and
+    options as for `write_video`. Returns the path."""
+    path = os.fspath(path)
+    height, width = frames[0].shape[:2]
+    with av.open(path, "w") as container:
+        stream = _open_stream(container, codec, width, height, fps, pix_fmt, dict(opts))
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
 
 
 def write_image(path: str | os.PathLike, width: int = 320, height: int = 240, seed: int = 0) -> str:

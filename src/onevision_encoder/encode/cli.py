@@ -7,7 +7,7 @@ import sys
 
 from ..cli import positive_int
 from ..codec.cli import add_whole_frames_argument
-from .encoder import DEFAULT_MODEL, DTYPES, Encoder
+from .encoder import DEFAULT_MODEL, DTYPES, RESOLUTIONS, Encoder
 from .inputs import discover_inputs
 
 
@@ -25,7 +25,10 @@ def add_encode_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; resumed if it exists)")
     p.add_argument("--mode", choices=("codec", "frames", "image"), default="codec",
                    help="how videos are read: codec-selected patches (default) or uniform frames; 'image' "
-                        "accepts images only. Images always get the image preprocessing (448 px).")
+                        "accepts images only. Images always get the image preprocessing (see --resolution).")
+    p.add_argument("--resolution", choices=RESOLUTIONS, default="crop",
+                   help="images: 448 px centre crop (default, published) or native: their own size in whole "
+                        "patches, no crop, downscaled to fit 1120*1120 pixels in all")
     p.add_argument("--frames", type=positive_int, help="frames per video (default 64 for codec, 16 for frames)")
     p.add_argument("--budget", type=positive_int, help="patches kept per video in codec mode (default 2048)")
     add_whole_frames_argument(p)
@@ -45,7 +48,7 @@ def _run_encode(args) -> int:
         encoder = Encoder(args.model, mode=args.mode, frames=args.frames, budget=args.budget,
                           whole_frames=args.whole_frames, tokens=args.tokens,
                           batch_size=args.batch_size, device=args.device, dtype=args.dtype, workers=args.workers,
-                          shard_size=args.shard_size)
+                          shard_size=args.shard_size, resolution=args.resolution)
         features = encoder.encode(paths, out=args.out)
     except (ValueError, OSError) as e:  # bad inputs (InputError), settings, model or output folder
         print(f"ove encode: error: {e}", file=sys.stderr)

@@ -42,6 +42,7 @@ from .features import (
 
 DEFAULT_MODEL = "lmms-lab-encoder/onevision-encoder-large"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESOLUTIONS = ("crop", "native")  # images: 448 centre crop (published) or their own size in whole patches
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_SHARD_SIZE_WITH_TOKENS = 64  # 64 codec clips of ViT-L tokens in bf16 are ~270 MB
 # Ranks wait for each other at the start and the end; the longest wait is about one chunk of work.
@@ -64,7 +65,7 @@ class EncodeSettings:
     budget: int | None
     patch_size: int
     video_size: int
-    image_size: int
+    image_size: int | str
     dtype: str
     tokens: bool
     shard_size: int
@@ -155,6 +156,8 @@ class Encoder:
     16 frames for frames); whole_frames: the sampled frames codec mode keeps whole (default [0]). tokens: keep every token's features and position, not only the pooled ones.
     dtype: "float32", "bfloat16" or "float16" (autocast; default bfloat16 on GPU, float32 on CPU).
     workers: DataLoader worker processes that decode and select patches (0 = in this process).
+    resolution: images as the published 448 px centre crop ("crop") or at their own size, sides rounded to
+    whole patches, downscaled to fit 1120*1120 pixels in all ("native": documents and charts keep their edges).
 
     `encode(inputs)` returns the features in memory; `encode(inputs, out=DIR)` writes them to DIR,
     resumably, and splits the work between ranks when run under `torchrun`.
@@ -174,6 +177,7 @@ class Encoder:
         dtype: str | None = None,
         workers: int | None = None,
         shard_size: int | None = None,
+        resolution: str = "crop",
         progress: bool = True,
     ):
         self.device = _rank_device(device)
@@ -190,8 +194,11 @@ class Encoder:
             model = _load_model(os.fspath(model))
         self.model = model.to(self.device).eval()
         config = self.model.config
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+        sizes = {"image_size": "native"} if resolution == "native" else {}
         self.preprocessing = Preprocessing.with_defaults(mode, frames, budget, whole_frames,
-                                                         patch_size=config.patch_size)
+                                                         patch_size=config.patch_size, **sizes)
         self.dtype = DTYPES[dtype]
         self.tokens = tokens
         self.batch_size = batch_size

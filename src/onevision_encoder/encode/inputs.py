@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 
 from ..codec import sample_frames, select_patches
 from ..codec.selection import check_whole_frames
-from ..processing import IMAGE_SIZE, VIDEO_SIZE, PatchClip, collate_patch_lists, grid_positions, image_processor, patchify
+from ..processing import IMAGE_SIZE, VIDEO_SIZE, PatchClip, collate_patch_lists, grid_positions, image_processor, \
+    native_image, patchify
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".ogv"}
@@ -116,14 +117,16 @@ def discover_inputs(inputs) -> list[str]:
 @dataclass(frozen=True)
 class Preprocessing:
     """How inputs become patch lists. `mode` is how videos are read ("codec" or "frames"), or "image" to
-    accept images only; images always get the image preprocessing."""
+    accept images only; images always get the image preprocessing: a centre crop of `image_size`, or with
+    image_size "native" their own size rounded to whole patches (`native_image`, downscaled to fit its
+    maximum pixel count)."""
 
     mode: str = "codec"
     frames: int | None = DEFAULT_FRAMES["codec"]
     budget: int | None = DEFAULT_BUDGET
     patch_size: int = 14
     video_size: int = VIDEO_SIZE
-    image_size: int = IMAGE_SIZE
+    image_size: int | str = IMAGE_SIZE
     whole_frames: tuple[int, ...] = (0,)  # codec mode: sampled frames kept whole (`select_patches`)
 
     @classmethod
@@ -159,7 +162,9 @@ class Preprocessing:
                                  f"patches), got {self.budget}")
         elif self.budget is not None:
             raise ValueError(f"budget only applies to mode 'codec', not {self.mode!r}")
-        for name in ("video_size", "image_size"):
+        if self.image_size != "native" and not isinstance(self.image_size, int):
+            raise ValueError(f"image_size must be a pixel count or 'native', got {self.image_size!r}")
+        for name in ("video_size",) + (("image_size",) if self.image_size != "native" else ()):
             if getattr(self, name) % self.patch_size:
                 raise ValueError(f"{name} {getattr(self, name)} is not a multiple of the patch size {self.patch_size}")
 
@@ -188,9 +193,12 @@ class Preprocessing:
         from PIL import Image
 
         with Image.open(path) as image:
-            pixels = _image_processor(self.image_size)(image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-        side = self.image_size // self.patch_size
-        return PatchClip(patchify(pixels, self.patch_size), grid_positions(torch.zeros(1, dtype=torch.long), side, side),
+            if self.image_size == "native":
+                pixels = native_image(image, self.patch_size, downscale=True)
+            else:
+                pixels = _image_processor(self.image_size)(image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        rows, cols = pixels.shape[1] // self.patch_size, pixels.shape[2] // self.patch_size
+        return PatchClip(patchify(pixels, self.patch_size), grid_positions(torch.zeros(1, dtype=torch.long), rows, cols),
                          path=path)
 
 
