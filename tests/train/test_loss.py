@@ -1,7 +1,7 @@
 """PartialFCLoss: at sample rate 1 it is a plain multi-label CosFace softmax (loss and gradients), one rank
 and two gloo ranks give the same loss and gradients, and bad labels are one clear error.
 
-Run as a script (under torchrun) this file is the two-rank worker of the distributed test."""
+Run as a script (`test_loss.py OUT_DIR RANK`) this file is one rank of the two-rank test."""
 
 from __future__ import annotations
 
@@ -139,13 +139,14 @@ def distributed_problem():
     return backbone, inputs, labels, centres, [slice(0, 5), slice(5, 8)]
 
 
-def distributed_worker(out_dir: str) -> None:
+def distributed_worker(out_dir: str, rank: int) -> None:
     import torch.distributed as dist
 
     from onevision_encoder.train.loss import sum_gradients_hook
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    # a file rendezvous: no port to pick, so nothing to collide with other runs on the machine
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=2)
     backbone, inputs, labels, centres, batches = distributed_problem()
     model = torch.nn.parallel.DistributedDataParallel(backbone)
     model.register_comm_hook(None, sum_gradients_hook)
@@ -164,10 +165,15 @@ def distributed_worker(out_dir: str) -> None:
 
 
 def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
-         str(tmp_path)], capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(rank)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    try:
+        outputs = [worker.communicate(timeout=240)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
     ranks = [load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2)]
     assert ranks[0]["loss"] == ranks[1]["loss"]  # the same value on every rank
     backbone, inputs, labels, centres, _ = distributed_problem()
@@ -188,4 +194,4 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
 
 
 if __name__ == "__main__":
-    distributed_worker(sys.argv[1])
+    distributed_worker(sys.argv[1], int(sys.argv[2]))
