@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from onevision_encoder.synthetic import write_image, write_video
 
@@ -60,6 +61,15 @@ def _ove_train(*args, nproc: int = 1, **popen):
 def tiny_config(training_data):
     """config(out, steps=8, videos=True, **run keys) -> a config dict for the generated data."""
     return lambda out, **kw: _tiny_config(training_data, out, **kw)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP's spinning threads very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

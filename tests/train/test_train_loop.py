@@ -87,7 +87,7 @@ def test_two_gloo_ranks_train_like_one_and_resume_on_one(tmp_path, tiny_config, 
     torch.testing.assert_close(losses(resumed), losses(tmp_path / "one"), rtol=1e-4, atol=1e-4)
 
 
-def test_another_runs_folder_is_refused(tmp_path, tiny_config, write_config, capsys):
+def test_another_runs_folder_is_refused(tmp_path, tiny_config, write_config, one_thread, capsys):
     first = write_config(tmp_path / "a.json", tiny_config(tmp_path / "run", steps=2, videos=False))
     assert main(["train", first]) == 0
     capsys.readouterr()
@@ -97,7 +97,8 @@ def test_another_runs_folder_is_refused(tmp_path, tiny_config, write_config, cap
     assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]  # nothing of the first run lost
 
 
-def test_an_interrupted_checkpoint_is_never_taken_for_one(tmp_path, tiny_config, write_config, monkeypatch):
+def test_an_interrupted_checkpoint_is_never_taken_for_one(tmp_path, tiny_config, write_config, one_thread,
+                                                          monkeypatch):
     config = load_config(write_config(tmp_path / "c.json", tiny_config(tmp_path / "run", steps=4, videos=False,
                                                                        save_every=1)))
     trainer = Trainer(config)
