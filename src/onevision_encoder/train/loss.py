@@ -200,7 +200,8 @@ class PartialFCLoss(nn.Module):
         column = torch.searchsorted(sampled, local.clamp(min=0))  # owned labels' column among the sampled
         column = torch.where(owned, column, -1)
 
-        centres = F.normalize(self.centres[sampled].float(), dim=1)
+        scored = self.centres if len(sampled) == len(self.centres) else self.centres[sampled]
+        centres = F.normalize(scored.float(), dim=1)
         cos = (embeddings @ centres.T).clamp(-1.0, 1.0)  # [N, S]
         negative = torch.where(cos > self.negative_threshold, torch.zeros_like(cos), cos * self.scale)
         positive = (cos.gather(1, column.clamp(min=0)) - self.margin) * self.scale  # [N, P], valid where owned
