@@ -57,7 +57,7 @@ def test_killed_run_resumes_with_the_same_losses_bit_for_bit(tmp_path, tiny_conf
     assert os.path.isfile(tmp_path / "cut" / "loss.png")
 
 
-def test_two_gloo_ranks_train_like_one_and_resume_on_one(tmp_path, tiny_config, write_config, ove_train):
+def test_two_gloo_ranks_train_like_one_with_ddp_or_fsdp_and_resume_on_one(tmp_path, tiny_config, write_config, ove_train):
     # Partial FC at rate 1 and all labels drawn: nothing random, so 1 rank with the global batch and 2 ranks
     # with half each take the same steps (up to float summation order).
     def config(out):
@@ -68,10 +68,13 @@ def test_two_gloo_ranks_train_like_one_and_resume_on_one(tmp_path, tiny_config, 
     one = ove_train(config(tmp_path / "one"))
     code, err = _finish(ove_train(config(tmp_path / "two"), nproc=2))
     assert code == 0, err
+    code, err = _finish(ove_train(config(tmp_path / "sharded"), "--set", "strategy=fsdp", nproc=2))
+    assert code == 0, err
     assert _finish(one)[0] == 0
     losses = lambda out: torch.tensor([r["loss"] for r in read_log(out)], dtype=torch.float64)  # noqa: E731
     assert len(losses(tmp_path / "two")) == 8
     torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(losses(tmp_path / "sharded"), losses(tmp_path / "one"), rtol=1e-4, atol=1e-4)
 
     # The 2-rank run's step-4 checkpoint, resumed on one rank: the two centre shards join again.
     resumed = tmp_path / "resumed"
