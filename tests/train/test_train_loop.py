@@ -16,6 +16,8 @@ from onevision_encoder.train.config import load_config
 from onevision_encoder.train.logging import read_log
 from onevision_encoder.train.loop import Trainer
 
+TINY_P14 = os.path.join(os.path.dirname(__file__), "..", "data", "tiny-p14")
+
 
 def _finish(process, timeout=300):
     out, err = process.communicate(timeout=timeout)
@@ -154,3 +156,24 @@ def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradien
         grads[enabled] = torch.cat([p.grad.flatten() for p in trainer.backbone.parameters()])
     assert calls == {False: 1, True: 2}  # the forward again during the backward
     torch.testing.assert_close(grads[True], grads[False])
+
+
+def test_training_continues_a_published_checkpoint_in_float32(tmp_path, tiny_config, write_config, one_thread):
+    # the published checkpoint's layout, stored in bfloat16 as the hub's is: the optimiser still gets float32
+    from transformers import AutoModel
+
+    published = AutoModel.from_pretrained(TINY_P14, dtype=torch.bfloat16)
+    published.save_pretrained(tmp_path / "published")
+    c = tiny_config(tmp_path / "run", steps=1, videos=False)
+    c["model"] = {"init": str(tmp_path / "published")}
+    c["stages"] = [{"steps": 1, "image_size": 28}]
+    trainer = Trainer(load_config(write_config(tmp_path / "c.json", c)))
+    weights = dict(trainer.backbone.named_parameters())
+    assert all(p.dtype == torch.float32 for p in weights.values())
+    for name, value in published.named_parameters():
+        assert torch.equal(weights[name].detach(), value.detach().float()), name
+    before = weights["encoder.layers.0.mlp.fc1.weight"].detach().clone()
+    trainer.train_step()
+    after = weights["encoder.layers.0.mlp.fc1.weight"].detach()
+    assert 0 < (after - before).abs().max() <= 5e-4 * 1.01  # one AdamW step moves a weight by about lr at most
+    assert not torch.equal(after, after.bfloat16().float())  # kept in float32: bf16 weights would round it away
