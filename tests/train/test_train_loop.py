@@ -175,5 +175,5 @@ def test_training_continues_a_published_checkpoint_in_float32(tmp_path, tiny_con
     before = weights["encoder.layers.0.mlp.fc1.weight"].detach().clone()
     trainer.train_step()
     after = weights["encoder.layers.0.mlp.fc1.weight"].detach()
-    assert 0 < (after - before).abs().max() <= 5e-4 * 1.01  # one AdamW step moves a weight by about lr at most
+    assert 0 < (after - before).abs().max() <= 1e-3 * 1.01  # a first AdamW step moves a weight by lr at most
     assert not torch.equal(after, after.bfloat16().float())  # kept in float32: bf16 weights would round it away
