@@ -97,9 +97,7 @@ def add_train_parser(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
-    from .data import DataError
+    from .config import load_config
     from .loop import train
 
     config_path, assignments = args.config, list(args.assignments)
@@ -109,7 +107,7 @@ def _run_train(args) -> int:
     try:
         config = load_config(config_path, assignments + args.overrides)
         final = train(config)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # the config, data, model or checkpoint folder (each error names it)
         print(f"ove train: error: {e}", file=sys.stderr)
         return 2
     print(f"ove train: model saved to {final}", file=sys.stderr)
