@@ -7,21 +7,32 @@
    memory a step adds on top of the centres and their gradient (on CPU the process's peak resident set,
    reset before each step through /proc/self/clear_refs, so Linux only; on GPU torch's peak allocation).
 
-The last line is `pfc_memory_ratio=X.XX pfc_speedup=Y.YY`: full-softmax memory and time over Partial FC's
-(> 1: Partial FC needs less).
+2. Training-step throughput of the two video inputs of the same token count: a codec clip (2048 patches
+   selected from 64 frames, the published setting) vs 8 whole frames (8 x 256 patches), each a patch list
+   from a real (generated, H.264) video. One step: backbone forward, Partial-FC loss, backward, AdamW;
+   median of alternating repeats. About 1.0 is expected (same tokens; only the positions differ). The time
+   to make each input (selection vs decoding 8 frames) is printed beside it.
+
+The last line is `pfc_memory_ratio=X.XX pfc_speedup=Y.YY codec_vs_frames=Z.ZZ`: full-softmax memory and
+time over Partial FC's (> 1: Partial FC needs less), and codec-clip steps a second over whole-frame ones.
 
     python benchmarks/bench_train.py                      # CPU: 1M classes, dim 256, batch 64
-    python benchmarks/bench_train.py --device cuda --classes 2000000 --dim 1024 --batch 256
+    python benchmarks/bench_train.py --device cuda --classes 2000000 --dim 1024 --batch 256 --step-layers 24
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 
 import torch
 
+from onevision_encoder import OneVisionEncoderConfig, OneVisionEncoderModel, collate_patch_lists
+from onevision_encoder.codec import sample_frames, select_patches
+from onevision_encoder.synthetic import write_video
 from onevision_encoder.train.loss import PartialFCLoss
 
 LABELS_PER_SAMPLE = 10
@@ -89,6 +100,55 @@ def partial_fc_vs_full_softmax(args, device: torch.device) -> dict[str, float]:
             "pfc_speedup": median["full_softmax"] / median["partial_fc"]}
 
 
+def _clips(repeats: int) -> tuple[dict, dict[str, float]]:
+    """A codec clip and an 8-frame clip of one generated video, and the median time to make each."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_video(os.path.join(folder, "clip.mp4"), num_frames=240, width=640, height=360)["path"]
+        makers = {"codec": lambda: select_patches(path, num_frames=64, budget=2048),
+                  "frames": lambda: sample_frames(path, num_frames=8)}
+        clips, made = {}, {name: [] for name in makers}
+        for _ in range(repeats):
+            for name, make in makers.items():
+                start = time.perf_counter()
+                clips[name] = make()
+                made[name].append(time.perf_counter() - start)
+    return clips, {name: statistics.median(t) for name, t in made.items()}
+
+
+def codec_clip_vs_whole_frames(args, device: torch.device) -> dict[str, float]:
+    clips, made = _clips(args.repeats)
+    assert len(clips["codec"]) == len(clips["frames"]) == 2048
+    torch.manual_seed(0)
+    config = OneVisionEncoderConfig(hidden_size=args.step_width, intermediate_size=4 * args.step_width,
+                                    num_attention_heads=args.step_width // 64, num_hidden_layers=args.step_layers)
+    model = OneVisionEncoderModel._from_config(config, attn_implementation="sdpa").to(device).train()
+    loss_fn = PartialFCLoss(10_000, args.step_width, sample_rate=0.1).to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), loss_fn.centres], lr=1e-5)
+    batches = {name: {k: v.to(device) for k, v in collate_patch_lists([clip] * args.step_batch).items()}
+               for name, clip in clips.items()}
+    labels = torch.randint(0, 10_000, (args.step_batch, LABELS_PER_SAMPLE), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {name: [] for name in batches}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for name, inputs in batches.items():
+            sync()
+            start = time.perf_counter()
+            with autocast:
+                pooled = model(**inputs).pooler_output
+            loss_fn(pooled.float(), labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    step = {name: statistics.median(t) for name, t in times.items()}
+    for name, label in (("codec", "codec clip, 2048 of 64x256 patches"), ("frames", "8 whole frames, 8x256 patches")):
+        print(f"{label:36s}: {step[name] * 1000:8.1f} ms a training step of {args.step_batch} "
+              f"({args.step_batch / step[name]:.2f} clips/s); making one clip {made[name] * 1000:.0f} ms")
+    return {"codec_vs_frames": step["frames"] / step["codec"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -97,12 +157,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="samples a step (global batch of the loss)")
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--step-width", type=int, default=512, help="backbone width of the video steps")
+    parser.add_argument("--step-layers", type=int, default=2, help="backbone layers of the video steps")
+    parser.add_argument("--step-batch", type=int, default=1, help="clips a video step")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"{args.classes} classes, dim {args.dim}, batch {args.batch} x 8 labels, device {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     pfc = partial_fc_vs_full_softmax(args, device)
-    print(" ".join(f"{key}={value:.2f}" for key, value in pfc.items()))
+    print(f"video steps: width {args.step_width}, {args.step_layers} layers, {args.step_batch} clip(s) a step")
+    video = codec_clip_vs_whole_frames(args, device)
+    print(" ".join(f"{key}={value:.2f}" for key, value in {**pfc, **video}.items()))
 
 
 if __name__ == "__main__":
