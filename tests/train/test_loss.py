@@ -142,11 +142,18 @@ def distributed_problem():
 def distributed_worker(out_dir: str, rank: int) -> None:
     import torch.distributed as dist
 
-    from onevision_encoder.train.loss import sum_gradients_hook
-
     # a file rendezvous: no port to pick, so nothing to collide with other runs on the machine
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
                             world_size=2)
+    two_rank_step(out_dir, rank)
+    # the DDP model is gone before the group: freeing its reducer after destroy_process_group could hang
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def two_rank_step(out_dir: str, rank: int) -> None:
+    from onevision_encoder.train.loss import sum_gradients_hook
+
     backbone, inputs, labels, centres, batches = distributed_problem()
     model = torch.nn.parallel.DistributedDataParallel(backbone)
     model.register_comm_hook(None, sum_gradients_hook)
@@ -161,7 +168,6 @@ def distributed_worker(out_dir: str, rank: int) -> None:
     save_file({"loss": value.detach()[None], "embeddings_grad": embeddings.grad, "centres_grad": loss.centres.grad,
                "weight_grad": model.module.weight.grad, "drawn": drawn},
               os.path.join(out_dir, f"rank{rank}.safetensors"))
-    dist.destroy_process_group()
 
 
 def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
@@ -170,9 +176,10 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     try:
         outputs = [worker.communicate(timeout=240)[0] for worker in workers]
-    finally:
+    except subprocess.TimeoutExpired:
         for worker in workers:
             worker.kill()
+        pytest.fail("the two ranks did not finish in 240 s:\n" + "\n".join(w.communicate()[0] for w in workers))
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     ranks = [load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2)]
     assert ranks[0]["loss"] == ranks[1]["loss"]  # the same value on every rank
@@ -194,4 +201,7 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.dump_traceback_later(200)  # where a stuck rank waits, in the test's failure message
     distributed_worker(sys.argv[1], int(sys.argv[2]))
