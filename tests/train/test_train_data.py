@@ -46,6 +46,10 @@ def test_ranks_share_each_epoch_without_overlap_and_a_restored_stream_continues_
     resumed = HeadStream(head, LOADER, 64, seed=3, rank=0, world_size=1)
     resumed.restore(state)
     assert _ids(resumed, 5) == expected
+    threads = HeadStream(HeadConfig(**{**head.__dict__, "workers": 2}), LOADER, 64, seed=3, rank=0, world_size=1)
+    threads.restore(state)
+    assert _ids(threads, 5) == expected  # loading threads change nothing in the order
+    threads.close()
 
 
 def test_a_corrupt_image_is_skipped_counted_and_replaced(tmp_path):

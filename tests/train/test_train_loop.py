@@ -61,10 +61,12 @@ def test_killed_run_resumes_with_the_same_losses_bit_for_bit(tmp_path, tiny_conf
 
 def test_two_gloo_ranks_train_like_one_with_ddp_or_fsdp_and_resume_on_one(tmp_path, tiny_config, write_config, ove_train):
     # Partial FC at rate 1 and all labels drawn: nothing random, so 1 rank with the global batch and 2 ranks
-    # with half each take the same steps (up to float summation order).
+    # with half each take the same steps (up to float summation order), with both heads (the image head's
+    # backward kept local, the video head's summing both) and all three video forms.
     def config(out):
-        c = tiny_config(out, steps=8, videos=False, keep_last=5)
-        c["heads"][0].update(sample_rate=1.0, labels_per_step=4)
+        c = tiny_config(out, steps=8, keep_last=5)
+        for head in c["heads"]:
+            head.update(sample_rate=1.0, labels_per_step=4)
         return write_config(tmp_path / f"{os.path.basename(out)}.json", c)
 
     one = ove_train(config(tmp_path / "one"))

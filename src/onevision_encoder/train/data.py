@@ -341,7 +341,9 @@ class HeadStream:
         loader = self.loader if image_size == self.loader.image_size else \
             Loader(**{**self.loader.__dict__, "image_size": image_size})
         self.loader = loader
-        open_forms = video_forms(self.head.batch_size // self.world_size, self.head.video_mix)  # images ignore their form
+        # the forms of the global batch, position i on rank i % world (where the order puts its sample), so that
+        # any number of ranks makes the same batch; images ignore their form
+        open_forms = video_forms(self.head.batch_size, self.head.video_mix)[self.rank :: self.world_size]
         done, skipped, failures = [], 0, []
         while open_forms:
             items = [self._next_item() for _ in open_forms]
