@@ -179,3 +179,15 @@ def test_training_continues_a_published_checkpoint_in_float32(tmp_path, tiny_con
     after = weights["encoder.layers.0.mlp.fc1.weight"].detach()
     assert 0 < (after - before).abs().max() <= 1e-3 * 1.01  # a first AdamW step moves a weight by lr at most
     assert not torch.equal(after, after.bfloat16().float())  # kept in float32: bf16 weights would round it away
+
+
+def test_bf16_autocast_computes_in_bf16_and_keeps_float32_weights(tmp_path, tiny_config, write_config, one_thread):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        c = tiny_config(tmp_path / precision, steps=2, videos=False)
+        c["precision"] = precision
+        trainer = Trainer(load_config(write_config(tmp_path / f"{precision}.json", c)))
+        losses[precision] = [trainer.train_step()["loss"] for _ in range(2)]
+        assert all(p.dtype == torch.float32 for p in trainer.backbone.parameters())
+    assert losses["bf16"] != losses["fp32"]  # autocast really ran the model in bf16
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
