@@ -158,6 +158,8 @@ def files(tmp_path):
     (["build", "two.safetensors", "--num-concepts", "3", "--out", "b.safetensors"], "expected one matrix"),
     (["build", "f.npy", "--num-concepts", "41", "--out", "b.safetensors"], "cannot make 41 concepts from 40"),
     (["build", "f.npy", "--num-concepts", "3", "--out", "b.npy"], "a bank is a .safetensors file"),
+    (["build", "f.npy", "--num-concepts", "3", "--out", "no/b.safetensors"], "no/b.safetensors: its folder"),
+    (["assign", "f.npy", "--bank", "bank.safetensors", "--out", "no/b.npy"], "no/b.npy: its folder"),
     (["assign", "f.npy", "--bank", "missing.safetensors", "--out", "b.npy"], "missing.safetensors does not exist"),
     (["assign", "f.npy", "--bank", "garbage.safetensors", "--out", "b.npy"], "not a readable safetensors"),
     (["assign", "f.npy", "--bank", "f.npy", "--out", "b.npy"], "not a readable safetensors"),
