@@ -165,8 +165,13 @@ def two_rank_step(out_dir: str, rank: int) -> None:
     value.backward()
     torch.manual_seed(100 + rank)
     drawn = draw_labels(labels[batches[rank]], 8)
+    # Partial FC proper: each rank scores its shard's positives and its own draw of negatives
+    partial = loss_module(centres, sample_rate=0.9)
+    partial_value = partial(embeddings.detach(), drawn)
+    partial_value.backward()
     save_file({"loss": value.detach()[None], "embeddings_grad": embeddings.grad, "centres_grad": loss.centres.grad,
-               "weight_grad": model.module.weight.grad, "drawn": drawn},
+               "weight_grad": model.module.weight.grad, "drawn": drawn, "partial_loss": partial_value.detach()[None],
+               "partial_scored": partial.centres.grad.abs().sum(dim=1) > 0},
               os.path.join(out_dir, f"rank{rank}.safetensors"))
 
 
@@ -198,6 +203,13 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
                                rtol=1e-4, atol=1e-6)
     for r in ranks:  # DDP with the summing hook: the backbone gets the gradient of the global loss
         torch.testing.assert_close(r["weight_grad"], backbone.weight.grad, rtol=1e-4, atol=1e-6)
+    assert ranks[0]["partial_loss"] == ranks[1]["partial_loss"] < single
+    positives = drawn.unique()
+    for rank, r in enumerate(ranks):
+        start, stop = shard_range(NUM_CLASSES, 2, rank)
+        own = positives[(positives >= start) & (positives < stop)] - start
+        assert r["partial_scored"][own].all()
+        assert len(own) < int(0.9 * (stop - start)) == r["partial_scored"].sum()  # positives + sampled negatives
 
 
 if __name__ == "__main__":
