@@ -251,8 +251,10 @@ class Trainer:
                 self.scaler.scale(loss * head.weight).backward()
             value = float(loss.detach())
             record[f"loss/{head.name}"] = value
-            record[f"skipped/{head.name}"] = stream.skipped_total
+            record[f"skipped/{head.name}"] = int(self._sum(torch.tensor(stream.skipped_total, device=self.device)))
             total += head.weight * value
+        if not math.isfinite(total):  # before the step: the weights and the last checkpoint stay sound
+            raise FloatingPointError(f"the loss is {total} at step {step + 1}")
         self.scaler.unscale_(self.optimizer)
         self.scaler.unscale_(self.centre_optimizer)
         grad_norm = self.model.clip_gradients(config.optim.clip_norm)
@@ -263,8 +265,6 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.centre_optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"the loss is {total} at step {step + 1}")
         record["loss"] = total
         record["grad_norm"] = grad_norm
         self.step += 1
