@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -20,7 +21,11 @@ TINY_P14 = os.path.join(os.path.dirname(__file__), "..", "data", "tiny-p14")
 
 
 def _finish(process, timeout=300):
-    out, err = process.communicate(timeout=timeout)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # leave nothing running
+        raise
     return process.returncode, err
 
 
