@@ -4,11 +4,13 @@ a step on a 2-core CPU."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from onevision_encoder.synthetic import write_image, write_video
 
@@ -47,13 +49,44 @@ def _tiny_config(root, out, steps=8, videos=True, **run) -> dict:
             "heads": heads}
 
 
-def _ove_train(*args, nproc: int = 1, **popen):
-    """`ove train ARGS` in a fresh process (one thread, as CI), under torchrun when nproc > 1."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] \
-        if nproc > 1 else [sys.executable]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Ranks:
+    """The processes of one multi-rank run, waited on together (killed together if one hangs)."""
+
+    def __init__(self, processes):
+        self.processes, self.returncode = processes, None
+
+    def kill(self):
+        for p in self.processes:
+            p.kill()
+
+    def communicate(self, timeout=None):
+        try:
+            outputs = [p.communicate(timeout=timeout) for p in self.processes]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self.returncode = next((p.returncode for p in self.processes if p.returncode), 0)
+        return outputs[0][0], "".join(err for _, err in outputs)
+
+
+def _ove_train(*args, nproc: int = 1):
+    """`ove train ARGS` in fresh processes (one thread each, as CI), one per rank with the environment torchrun
+    gives (torchrun's own rendezvous is left out: on a busy machine it once hung another test)."""
+    command = [sys.executable, "-m", "onevision_encoder.cli", "train", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*launcher, "-m", "onevision_encoder.cli", "train", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    if nproc == 1:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    port = _free_port()
+    ranks = [{**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} for r in range(nproc)]
+    return _Ranks([subprocess.Popen(command, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for e in ranks])
 
 
 @pytest.fixture
@@ -62,9 +95,18 @@ def tiny_config(training_data):
     return lambda out, **kw: _tiny_config(training_data, out, **kw)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP's spinning threads very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ove_train():
-    """ove_train(*args, nproc=1) -> the Popen of `ove train ARGS` (under torchrun for nproc > 1)."""
+    """ove_train(*args, nproc=1) -> the Popen of `ove train ARGS` (for nproc > 1, its ranks together)."""
     return _ove_train
 
 

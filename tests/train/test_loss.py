@@ -1,7 +1,7 @@
 """PartialFCLoss: at sample rate 1 it is a plain multi-label CosFace softmax (loss and gradients), one rank
 and two gloo ranks give the same loss and gradients, and bad labels are one clear error.
 
-Run as a script (under torchrun) this file is the two-rank worker of the distributed test."""
+Run as a script (`test_loss.py OUT_DIR RANK`) this file is one rank of the two-rank test."""
 
 from __future__ import annotations
 
@@ -139,13 +139,21 @@ def distributed_problem():
     return backbone, inputs, labels, centres, [slice(0, 5), slice(5, 8)]
 
 
-def distributed_worker(out_dir: str) -> None:
+def distributed_worker(out_dir: str, rank: int) -> None:
     import torch.distributed as dist
 
+    # a file rendezvous: no port to pick, so nothing to collide with other runs on the machine
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank,
+                            world_size=2)
+    two_rank_step(out_dir, rank)
+    # the DDP model is gone before the group: freeing its reducer after destroy_process_group could hang
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def two_rank_step(out_dir: str, rank: int) -> None:
     from onevision_encoder.train.loss import sum_gradients_hook
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     backbone, inputs, labels, centres, batches = distributed_problem()
     model = torch.nn.parallel.DistributedDataParallel(backbone)
     model.register_comm_hook(None, sum_gradients_hook)
@@ -157,17 +165,27 @@ def distributed_worker(out_dir: str) -> None:
     value.backward()
     torch.manual_seed(100 + rank)
     drawn = draw_labels(labels[batches[rank]], 8)
+    # Partial FC proper: each rank scores its shard's positives and its own draw of negatives
+    partial = loss_module(centres, sample_rate=0.9)
+    partial_value = partial(embeddings.detach(), drawn)
+    partial_value.backward()
     save_file({"loss": value.detach()[None], "embeddings_grad": embeddings.grad, "centres_grad": loss.centres.grad,
-               "weight_grad": model.module.weight.grad, "drawn": drawn},
+               "weight_grad": model.module.weight.grad, "drawn": drawn, "partial_loss": partial_value.detach()[None],
+               "partial_scored": partial.centres.grad.abs().sum(dim=1) > 0},
               os.path.join(out_dir, f"rank{rank}.safetensors"))
-    dist.destroy_process_group()
 
 
 def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
-         str(tmp_path)], capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(rank)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    try:
+        outputs = [worker.communicate(timeout=240)[0] for worker in workers]
+    except subprocess.TimeoutExpired:
+        for worker in workers:
+            worker.kill()
+        pytest.fail("the two ranks did not finish in 240 s:\n" + "\n".join(w.communicate()[0] for w in workers))
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
     ranks = [load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2)]
     assert ranks[0]["loss"] == ranks[1]["loss"]  # the same value on every rank
     backbone, inputs, labels, centres, _ = distributed_problem()
@@ -185,7 +203,17 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
                                rtol=1e-4, atol=1e-6)
     for r in ranks:  # DDP with the summing hook: the backbone gets the gradient of the global loss
         torch.testing.assert_close(r["weight_grad"], backbone.weight.grad, rtol=1e-4, atol=1e-6)
+    assert ranks[0]["partial_loss"] == ranks[1]["partial_loss"] < single
+    positives = drawn.unique()
+    for rank, r in enumerate(ranks):
+        start, stop = shard_range(NUM_CLASSES, 2, rank)
+        own = positives[(positives >= start) & (positives < stop)] - start
+        assert r["partial_scored"][own].all()
+        assert len(own) < int(0.9 * (stop - start)) == r["partial_scored"].sum()  # positives + sampled negatives
 
 
 if __name__ == "__main__":
-    distributed_worker(sys.argv[1])
+    import faulthandler
+
+    faulthandler.dump_traceback_later(200)  # where a stuck rank waits, in the test's failure message
+    distributed_worker(sys.argv[1], int(sys.argv[2]))

@@ -54,9 +54,10 @@ def test_an_unknown_key_is_one_error_naming_it(tmp_path, override, named):
     ("precision=fp8", "precision must be one of"),
     ("heads.0.num_classes=null", "exactly one of bank and num_classes"),
     ("heads.3.name=x", "heads has 1 entries"),
+    ("model.config.hidden_size=64", "not both"),
 ])
 def test_bad_values_are_named(tmp_path, override, message):
-    path = _write(tmp_path, json.dumps({"heads": [HEAD]}), "c.json")
+    path = _write(tmp_path, json.dumps({"model": {"init": "published/"}, "heads": [HEAD]}), "c.json")
     with pytest.raises(ConfigError, match=message):
         load_config(path, [override])
 

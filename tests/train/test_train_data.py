@@ -46,6 +46,10 @@ def test_ranks_share_each_epoch_without_overlap_and_a_restored_stream_continues_
     resumed = HeadStream(head, LOADER, 64, seed=3, rank=0, world_size=1)
     resumed.restore(state)
     assert _ids(resumed, 5) == expected
+    threads = HeadStream(HeadConfig(**{**head.__dict__, "workers": 2}), LOADER, 64, seed=3, rank=0, world_size=1)
+    threads.restore(state)
+    assert _ids(threads, 5) == expected  # loading threads change nothing in the order
+    threads.close()
 
 
 def test_a_corrupt_image_is_skipped_counted_and_replaced(tmp_path):
@@ -97,6 +101,10 @@ def test_tar_shards_stream_with_their_labels_and_skip_a_corrupt_sample(tmp_path)
     assert sorted(batch.labels[:, 0].tolist()) == [0, 1, 2, 10, 12]
     assert batch.labels[:, 1].eq(7).all() and batch.skipped == 1
 
+    piped = HeadConfig(name="web", inputs=[f"pipe:cat {tmp_path / 'shard-000.tar'}"], num_classes=64, batch_size=3,
+                       labels_per_step=2)  # as from object storage: `pipe:aws s3 cp s3://... -`
+    assert sorted(HeadStream(piped, LOADER, 64, 0, 0, 1).next_batch(32).labels[:, 0].tolist()) == [0, 1, 2]
+
     bad = HeadConfig(name="web", inputs=[str(tmp_path / "bad.tar")], num_classes=5, batch_size=1, labels_per_step=2)
     _tar(tmp_path / "bad.tar", [("a", {"jpg": jpeg, "labels": b"1 9"})])
     with pytest.raises(DataError, match="label 9 is outside the bank's 5 concepts"):
@@ -116,6 +124,25 @@ def test_video_batches_mix_codec_clips_frame_clips_and_collages(training_data):
     slots = frames[::16, 0]  # one frame from each quarter of the 64-slot grid (16 frames)
     assert [int(s) // 16 for s in slots] == [0, 1, 2, 3]
     assert collage[:, 0].eq(0).all() and collage[:, 1].max() == 15 and collage[:, 2].max() == 3  # 4 frames stacked
+
+
+def test_a_corrupt_video_is_skipped_in_every_form(tmp_path, training_data):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.mp4").symlink_to(training_data / "videos" / f"{i}.mp4")
+    good = (training_data / "videos" / "3.mp4").read_bytes()
+    (folder / "3.mp4").write_bytes(good[: len(good) // 3])  # cut off: its index (moov) or frames are gone
+    np.save(tmp_path / "labels.npy", np.array([[i, i] for i in range(4)]))
+    head = HeadConfig(name="videos", inputs=[str(folder)], labels=str(tmp_path / "labels.npy"), num_classes=8,
+                      batch_size=3, labels_per_step=2, video_mix=VideoMix(codec=1, frames=1, collage=1))
+    stream = HeadStream(head, LOADER, 8, seed=0, rank=0, world_size=1)
+    held, failures = [], []
+    for _ in range(4):
+        held += stream.next_batch(32).labels[:, 0].tolist()
+        failures += stream.last_failures
+    assert len(held) == 12 and 3 not in held
+    assert len(failures) == stream.skipped_total >= 3 and all("3.mp4" in f for f in failures)
 
 
 def test_labels_that_do_not_fit_the_inputs_are_one_clear_error(tmp_path):

@@ -48,6 +48,7 @@ def identity(config: TrainConfig) -> dict:
     data = config.to_dict()
     for section, key in NOT_IDENTITY:
         data[section].pop(key, None)
+    data.pop("strategy")  # full state dicts: a DDP run resumes under FSDP and back
     for head in data["heads"]:
         head.pop("workers", None)
     return data
@@ -119,10 +120,11 @@ def _load_tensors(path: str) -> tuple[dict, dict]:
 
 
 def optimizer_tensors(state_dict: dict, prefix: str) -> tuple[dict, dict]:
-    tensors = {f"{prefix}.{index}.{key}": value for index, entry in state_dict["state"].items()
+    """An optimiser state dict (parameters keyed by index or by name) as tensors `PREFIX.PARAM.KEY` plus JSON."""
+    tensors = {f"{prefix}.{param}.{key}": value for param, entry in state_dict["state"].items()
                for key, value in entry.items() if isinstance(value, torch.Tensor)}
-    scalars = {f"{index}.{key}": value for index, entry in state_dict["state"].items()
-               for key, value in entry.items() if not isinstance(value, torch.Tensor)}
+    scalars = [[param, key, value] for param, entry in state_dict["state"].items()
+               for key, value in entry.items() if not isinstance(value, torch.Tensor)]
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
@@ -130,11 +132,10 @@ def optimizer_state(tensors: dict, meta: dict, prefix: str) -> dict:
     state: dict = {}
     for name, value in tensors.items():
         if name.startswith(prefix + "."):
-            index, key = name[len(prefix) + 1:].split(".", 1)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in meta["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+            param, key = name[len(prefix) + 1:].rsplit(".", 1)  # a parameter name has dots, a state key none
+            state.setdefault(int(param) if param.isdigit() else param, {})[key] = value
+    for param, key, value in meta["scalars"]:
+        state.setdefault(param, {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

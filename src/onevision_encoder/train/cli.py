@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ..cli import positive_int
@@ -45,12 +46,20 @@ def add_concepts_parser(sub) -> None:
     assign.set_defaults(func=_run_assign)
 
 
+def _check_out_folder(path: str) -> None:
+    """Before any work: the folder the output goes to exists."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: its folder {folder} does not exist")
+
+
 def _run_build(args) -> int:
     from .concepts import build_bank, read_features, save_bank
 
     try:
         if not args.out.endswith(".safetensors"):
             raise ValueError(f"{args.out}: a bank is a .safetensors file")
+        _check_out_folder(args.out)
         features = read_features(args.features)
         result, settings = build_bank(features, args.num_concepts, iterations=args.iterations,
                                       max_points_per_centre=args.max_points_per_centre, seed=args.seed,
@@ -69,7 +78,8 @@ def _run_assign(args) -> int:
     from .concepts import load_bank, read_features, write_labels
 
     try:
-        centres, bank_settings = load_bank(args.bank)
+        _check_out_folder(args.out)
+        centres, _ = load_bank(args.bank)
         features = read_features(args.features)
         settings = {"bank": args.bank, "top_k": args.top_k, "sources": features.paths}
         write_labels(args.out, features, centres, args.top_k, settings=settings, progress=sys.stderr.isatty())
@@ -97,9 +107,7 @@ def add_train_parser(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
-    from .data import DataError
+    from .config import load_config
     from .loop import train
 
     config_path, assignments = args.config, list(args.assignments)
@@ -109,7 +117,7 @@ def _run_train(args) -> int:
     try:
         config = load_config(config_path, assignments + args.overrides)
         final = train(config)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # the config, data, model or checkpoint folder (each error names it)
         print(f"ove train: error: {e}", file=sys.stderr)
         return 2
     print(f"ove train: model saved to {final}", file=sys.stderr)

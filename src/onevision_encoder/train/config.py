@@ -246,6 +246,8 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     if config.strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {config.strategy!r}")
+    if config.model.init is not None and config.model.config:
+        raise ConfigError("give model.init (a checkpoint to continue) or model.config (a new model), not both")
     if not config.heads:
         raise ConfigError("the config has no heads: give at least one under 'heads' (inputs, labels, bank)")
     if config.total_steps() < 1:

@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -143,6 +144,9 @@ def _shard_samples(name: str):
 # ----------------------------------------------------------------------------------------------------
 
 
+_processor = lru_cache(maxsize=None)(image_processor)  # one per size: making one per image would dominate
+
+
 @dataclass(frozen=True)
 class Loader:
     """How a head's samples become patch lists."""
@@ -171,7 +175,7 @@ class Loader:
         from PIL import Image
 
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            pixels = image_processor(self.image_size)(image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+            pixels = _processor(self.image_size)(image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
         side = self.image_size // self.patch_size
         return patchify(pixels, self.patch_size), grid_positions(torch.zeros(1, dtype=torch.long), side, side)
 
@@ -191,12 +195,13 @@ class Loader:
         """`clip_frames` normalised frames [T, 3, S, S]: the `frames`-frame grid cut into T bins, one random
         frame of each bin (the published frame sampling of video pretraining), and their slots on that grid."""
         with VideoFile(path) as video:
-            grid = sample_indices(video.info().frame_count, self.frames)
+            info = video.info(timestamps=True)  # numbering by timestamps lets the decoder skip unneeded B-frames
+            grid = sample_indices(info.frame_count, self.frames)
             bins = np.array_split(np.arange(self.frames), self.clip_frames)
             slots = [int(rng.choice(list(b))) for b in bins]
             wanted = [int(grid[s]) for s in slots]
             decoded = {}
-            for number, frame in video.frames():
+            for number, frame in video.frames(needed=set(wanted).__contains__, numbering=info.presentation_numbers):
                 if number in wanted:
                     decoded[number] = frame.to_ndarray(format="rgb24")
                 if number >= wanted[-1]:
@@ -341,7 +346,9 @@ class HeadStream:
         loader = self.loader if image_size == self.loader.image_size else \
             Loader(**{**self.loader.__dict__, "image_size": image_size})
         self.loader = loader
-        open_forms = video_forms(self.head.batch_size // self.world_size, self.head.video_mix)  # images ignore their form
+        # the forms of the global batch, position i on rank i % world (where the order puts its sample), so that
+        # any number of ranks makes the same batch; images ignore their form
+        open_forms = video_forms(self.head.batch_size, self.head.video_mix)[self.rank :: self.world_size]
         done, skipped, failures = [], 0, []
         while open_forms:
             items = [self._next_item() for _ in open_forms]

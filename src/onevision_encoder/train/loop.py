@@ -10,7 +10,6 @@ backbone, and each head's centres over all their shards), AdamW, and the rate of
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -27,7 +26,8 @@ from .checkpoint import Checkpoint, CheckpointWriter, complete_checkpoints, open
 from .config import TrainConfig
 from .data import HeadStream, Loader
 from .logging import RunLog, plot_losses
-from .loss import PartialFCLoss, reshard_centres, sum_gradients_hook
+from .loss import PartialFCLoss, reshard_centres
+from .parallel import Backbone
 from .optim import backbone_optimizer, centre_optimizer, clip_centres, learning_rate, set_learning_rate
 
 CENTRE_BLOCK = 65536  # centres are initialised in blocks of rows, each from its own seed: any sharding, same matrix
@@ -116,14 +116,7 @@ class Trainer:
                             video_size=head.video_size)
             self.streams.append(HeadStream(head, loader, loss.num_classes, config.run.seed, self.rank,
                                            self.world_size))
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=device_ids)
-            self.model.register_comm_hook(None, sum_gradients_hook)
-        else:
-            self.model = model
+        self.model = Backbone(model, config.strategy, self.world_size, self.device)
         self.optimizer = backbone_optimizer(model, config.optim)
         self.centre_optimizer = centre_optimizer([loss.centres for loss in self.losses], config.optim)
         self.precision = _precision(config.precision, self.device)
@@ -164,8 +157,8 @@ class Trainer:
         if not found:
             return
         checkpoint = Checkpoint(found[-1], self.run_id)
-        self.backbone.load_state_dict(checkpoint.model_state())
-        self.optimizer.load_state_dict(checkpoint.backbone_optimizer())
+        self.model.load_state_dict(checkpoint.model_state())
+        self.model.load_optimizer_state_dict(self.optimizer, checkpoint.backbone_optimizer())
         if checkpoint.state.get("scaler"):
             self.scaler.load_state_dict(checkpoint.state["scaler"])
         if checkpoint.world_size == self.world_size:
@@ -213,8 +206,10 @@ class Trainer:
         step = self.step
         self.writer.begin(step)
         self.ranks.barrier()
+        model_state = self.model.state_dict()  # collective under FSDP
+        optimizer_state_dict = self.model.optimizer_state_dict(self.optimizer)
         if self.rank == 0:
-            self.writer.write_shared(step, self.backbone.state_dict(), self.optimizer.state_dict())
+            self.writer.write_shared(step, model_state, optimizer_state_dict)
         tensors, meta = rng_states(self.device)
         for head, loss in zip(self.config.heads, self.losses):
             tensors[f"centres.{head.name}"] = loss.centres.detach()
@@ -249,19 +244,20 @@ class Trainer:
                 print(f"ove train: skipped a sample of head {head.name} (rank {self.rank}): {failure}",
                       file=sys.stderr)
             inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-            sync = self.model.no_sync() if self.world_size > 1 and i < last else contextlib.nullcontext()
-            with sync:
+            with self.model.syncing(i == last):
                 with torch.autocast(self.device.type, dtype=self.precision, enabled=self.precision != torch.float32):
                     pooled = self.model(**inputs).pooler_output
                 loss = loss_fn(pooled.float(), batch.labels.to(self.device))
                 self.scaler.scale(loss * head.weight).backward()
             value = float(loss.detach())
             record[f"loss/{head.name}"] = value
-            record[f"skipped/{head.name}"] = stream.skipped_total
+            record[f"skipped/{head.name}"] = int(self._sum(torch.tensor(stream.skipped_total, device=self.device)))
             total += head.weight * value
+        if not math.isfinite(total):  # before the step: the weights and the last checkpoint stay sound
+            raise FloatingPointError(f"the loss is {total} at step {step + 1}")
         self.scaler.unscale_(self.optimizer)
         self.scaler.unscale_(self.centre_optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), config.optim.clip_norm)
+        grad_norm = self.model.clip_gradients(config.optim.clip_norm)
         for head, loss_fn in zip(config.heads, self.losses):
             record[f"centre_grad_norm/{head.name}"] = clip_centres(loss_fn.centres, config.optim.clip_norm, self._sum)
         self.scaler.step(self.optimizer)
@@ -269,10 +265,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.centre_optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"the loss is {total} at step {step + 1}")
         record["loss"] = total
-        record["grad_norm"] = float(grad_norm)
+        record["grad_norm"] = grad_norm
         self.step += 1
         return record
 
@@ -284,7 +278,7 @@ class Trainer:
             if self.rank == 0 else None
         if log is not None:
             log.truncate(self.step)
-        self.model.train()
+        self.backbone.train()
         try:
             while self.step < self.total_steps:
                 record = self.train_step()
@@ -300,8 +294,9 @@ class Trainer:
             for stream in self.streams:
                 stream.close()
         final = os.path.join(out, "final")
+        weights = self.model.state_dict()
         if self.rank == 0:
-            self.backbone.save_pretrained(final)
+            self.backbone.save_pretrained(final, state_dict=weights)
             save_preprocessor_config(final, size=config.image_size_at(self.total_steps - 1))
             plot_losses(out)
         self.ranks.barrier()

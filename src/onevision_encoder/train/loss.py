@@ -26,9 +26,13 @@ gradient: register `sum_gradients_hook` on the DDP model (`model.register_comm_h
 sum_gradients_hook)`) so that it sums instead. Never wrap this module itself in DDP: its centres are a
 shard per rank, not a replica.
 
-Randomness (the label draw and the negative sampling) comes from torch's default generator of the
-tensors' device on each rank, so saving and restoring the RNG states resumes exactly. The label draw of
+Randomness comes from torch's default generators on each rank (the label draw on the labels' device, the
+negatives on the centres'), so saving and restoring the RNG states resumes exactly. The label draw of
 each rank's own samples happens before the all-gather, so every rank sees the same drawn labels.
+
+Memory: the logits are held once per sample, `[global batch, scored classes]`, not once per drawn label
+(the 8 softmaxes of a sample share them and differ only in their positive column), a few such tensors
+in all; the centres' gradient is dense, as the optimiser needs.
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ class PartialFCLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self._check(embeddings, labels)
-        drawn = draw_labels(labels, self.labels_per_step)
+        drawn = draw_labels(labels, self.labels_per_step).to(embeddings.device)
         embeddings, drawn = self._gather(embeddings.float(), drawn)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return self._loss(F.normalize(embeddings, dim=1), drawn)
@@ -200,7 +204,8 @@ class PartialFCLoss(nn.Module):
         column = torch.searchsorted(sampled, local.clamp(min=0))  # owned labels' column among the sampled
         column = torch.where(owned, column, -1)
 
-        centres = F.normalize(self.centres[sampled].float(), dim=1)
+        scored = self.centres if len(sampled) == len(self.centres) else self.centres[sampled]
+        centres = F.normalize(scored.float(), dim=1)
         cos = (embeddings @ centres.T).clamp(-1.0, 1.0)  # [N, S]
         negative = torch.where(cos > self.negative_threshold, torch.zeros_like(cos), cos * self.scale)
         positive = (cos.gather(1, column.clamp(min=0)) - self.margin) * self.scale  # [N, P], valid where owned
