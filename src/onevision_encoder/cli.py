@@ -11,9 +11,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # Each sub-command's arguments and runner live beside the work it does.
     from .encode.cli import add_encode_parser
+    from .probe.cli import add_probe_parser
 
     _add_select_parser(sub)
     add_encode_parser(sub)
+    add_probe_parser(sub)
     return parser
 
 
