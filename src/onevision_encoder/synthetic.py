@@ -278,3 +278,29 @@ def write_probe_dataset(folder: str | os.PathLike, kind: str = "brief_event", nu
         with open(lists[split], "w") as f:
             f.writelines(lines)
     return lists["train"], lists["val"]
+
+
+def write_pixel_encoder(folder: str | os.PathLike, hidden_size: int = 128, num_layers: int = 2, patch_size: int = 14,
+                        seed: int = 0) -> str:
+    """Write a small OneVision checkpoint (published layout) whose tokens carry the pixels plainly: a fresh
+    random initialisation with every layer's output projections (attention out_proj, MLP fc2) zeroed, so
+    each token is its patch's normalised embedding. A fully random checkpoint scrambles the pixels (its
+    token dimensions differ wildly in scale); this one lets a probe on generated data measure what the
+    inputs show, not what a random network hides. Returns the folder."""
+    import torch
+
+    from .configuration import OneVisionEncoderConfig
+    from .modeling import OneVisionEncoderModel
+
+    torch.manual_seed(seed)
+    config = OneVisionEncoderConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                    num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 64),
+                                    patch_size=patch_size)
+    model = OneVisionEncoderModel(config)
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    model.save_pretrained(os.fspath(folder))
+    return os.fspath(folder)
