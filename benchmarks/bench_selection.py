@@ -42,7 +42,7 @@ from onevision_encoder.codec import (
     uniform_frames_mask,
 )
 from onevision_encoder.synthetic import write_video
-from onevision_encoder.video import DECODE_THREADING, VideoDecodeError, probe_video
+from onevision_encoder.codec.video import DECODE_THREADING, VideoDecodeError, probe_video
 
 BUDGETS = (2048, 4096)
 # Encoded as camera footage usually is (x264/x265 "medium": CABAC, deblocking, B-frames) with light sensor
@@ -90,7 +90,7 @@ def measure(path: str) -> dict:
         uniform = uniform_frames_mask(num_frames, rows, rows, budget)
         psnr[("uniform", budget)] = replenishment_psnr(frames, uniform, scan.patch_size)
         for policy in ("reference", DEFAULT_POLICY):
-            kept = choose_patches(patch_scores(scan, policy), scan.valid, budget, True, policy == "balanced")
+            kept = choose_patches(patch_scores(scan, policy), scan.valid, budget, (0,), policy == "balanced")
             psnr[(policy, budget)] = replenishment_psnr(frames, kept, scan.patch_size)
     return {**timed, "psnr": psnr, "motion": scan.motion_source, "frames": scan.total_frames}
 

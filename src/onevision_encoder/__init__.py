@@ -6,11 +6,10 @@ Importing the package registers the model with transformers' Auto classes, so
 
 from transformers import AutoConfig, AutoModel
 
-from .codec import CodecClip, replenishment_psnr, sample_frames, select_patches
+from .codec import CodecClip, VideoDecodeError, replenishment_psnr, sample_frames, select_patches
 from .configuration import OneVisionEncoderConfig
 from .encode import Encoder, Features, load_features
 from .modeling import OneVisionEncoderModel, OneVisionEncoderPreTrainedModel
-from .video import VideoDecodeError
 from .processing import (
     CLIP_MEAN,
     CLIP_STD,

@@ -9,7 +9,7 @@ from onevision_encoder import select_patches
 from onevision_encoder.probe.clips import ProbeClips, colour_jitter, time_slots, tsn_indices
 from onevision_encoder.processing import patchify, preprocess_video
 from onevision_encoder.synthetic import write_video
-from onevision_encoder.video import decode_frames
+from onevision_encoder.codec.video import decode_frames
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import sys
 
 from ..backbones import VIDEO_POOLINGS
 from ..cli import positive_int
+from ..codec.cli import add_whole_frames_argument
 from .encoder import DEFAULT_MODEL, DTYPES, Encoder
 from .inputs import discover_inputs
 
@@ -35,6 +36,7 @@ def add_encode_parser(sub) -> None:
                    help="other encoders' video embedding: mean of the frames' embeddings (default) or their "
                         "concatenation (as published for the concept bank's teacher)")
     p.add_argument("--budget", type=positive_int, help="patches kept per video in codec mode (default 2048)")
+    add_whole_frames_argument(p)
     p.add_argument("--tokens", action="store_true", help="also save every token's features and position")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: this rank's GPU, else cpu)")
@@ -48,7 +50,8 @@ def add_encode_parser(sub) -> None:
 def _run_encode(args) -> int:
     try:
         paths = discover_inputs(args.inputs)  # a missing input fails before the model is loaded
-        encoder = Encoder(args.model, mode=args.mode, frames=args.frames, budget=args.budget, tokens=args.tokens,
+        encoder = Encoder(args.model, mode=args.mode, frames=args.frames, budget=args.budget,
+                          whole_frames=args.whole_frames, tokens=args.tokens,
                           batch_size=args.batch_size, device=args.device, dtype=args.dtype, workers=args.workers,
                           shard_size=args.shard_size, video_pooling=args.video_pooling)
         features = encoder.encode(paths, out=args.out)

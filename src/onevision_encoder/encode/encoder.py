@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -70,6 +71,7 @@ class EncodeSettings:
     tokens: bool
     shard_size: int
     video_pooling: str | None = None  # other encoders' video embedding; None for ours
+    whole_frames: list[int] | None = None  # codec mode's frames kept whole
 
     def differences(self, recorded: dict) -> list[str]:
         return [f"{key}: {value!r} now, {recorded.get(key)!r} in the folder"
@@ -139,7 +141,8 @@ class Encoder:
     model's image preprocessing. frames / budget: per-video frames and kept patches (default 64 / 2048 for
     codec, 16 frames for frames, 8 for other encoders). video_pooling: other encoders' embedding of a video,
     "mean" of its frames' or their "concat"enation. preprocessing: a reader of its own in place of the one
-    mode, frames and budget describe (the probe's clip sampling). tokens: keep every token's features and position, not only the pooled ones.
+    mode, frames and budget describe (the probe's clip sampling). whole_frames: the sampled frames codec
+    mode keeps whole (default [0]). tokens: keep every token's features and position, not only the pooled ones.
     dtype: "float32", "bfloat16" or "float16" (autocast; default bfloat16 on GPU, float32 on CPU).
     workers: DataLoader worker processes that decode and select patches (0 = in this process).
 
@@ -154,6 +157,7 @@ class Encoder:
         mode: str | None = None,
         frames: int | None = None,
         budget: int | None = None,
+        whole_frames: Sequence[int] | None = None,
         tokens: bool = False,
         batch_size: int = 8,
         device: str | torch.device | None = None,
@@ -175,7 +179,7 @@ class Encoder:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.model = load_backbone(model, video_pooling).to(self.device).eval()
         self.model_name = self.model.name
-        self.preprocessing = preprocessing or _preprocessing_for(self.model, mode, frames, budget)
+        self.preprocessing = preprocessing or _preprocessing_for(self.model, mode, frames, budget, whole_frames)
         self.dtype = DTYPES[dtype]
         self.tokens = tokens
         self.batch_size = batch_size
@@ -189,7 +193,8 @@ class Encoder:
         pooling = None if self.model.takes_patch_lists else self.model.video_pooling
         self.settings = EncodeSettings(self.model_name, __version__, self.model.pooled_size, p.mode, p.frames,
                                        p.budget, p.patch_size, p.video_size, p.image_size, dtype, tokens, shard_size,
-                                       pooling)
+                                       video_pooling=pooling,
+                                       whole_frames=list(p.whole_frames) if p.mode == "codec" else None)
 
     def encode(self, inputs, out: str | os.PathLike | None = None) -> Features:
         """Encode `inputs` (files, folders, CSV/JSONL lists). Inputs that fail are listed in
@@ -323,18 +328,19 @@ class Encoder:
                              positions=positions[i, :k].clone()) for i, k in enumerate(lengths)]
 
 
-def _preprocessing_for(backbone, mode: str | None, frames: int | None, budget: int | None) -> Preprocessing:
+def _preprocessing_for(backbone, mode: str | None, frames: int | None, budget: int | None,
+                       whole_frames=None) -> Preprocessing:
     """The reader for this backbone: our model defaults to codec selection; other encoders take whole frames
     (8 by default, as their published comparisons), at their own size and normalisation."""
     s = backbone.settings
     sizes = dict(patch_size=s.patch_size, video_size=s.video_size, image_size=s.image_size, mean=s.mean, std=s.std)
     if backbone.takes_patch_lists:
-        return Preprocessing.with_defaults(mode or "codec", frames, budget, **sizes)
+        return Preprocessing.with_defaults(mode or "codec", frames, budget, whole_frames, **sizes)
     if mode == "codec":
         raise ValueError(f"{backbone.name} encodes whole frames only: use mode 'frames' or 'image', not 'codec'")
     mode = mode or "frames"
     return Preprocessing.with_defaults(mode, frames or (OTHER_ENCODER_FRAMES if mode == "frames" else None),
-                                       budget, **sizes)
+                                       budget, whole_frames, **sizes)
 
 
 def _worker_context():

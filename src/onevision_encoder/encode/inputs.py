@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..codec import sample_frames, select_patches
+from ..codec.selection import check_whole_frames
 from ..processing import (CLIP_MEAN, CLIP_STD, IMAGE_SIZE, VIDEO_SIZE, PatchClip, collate_patch_lists, grid_positions,
                           image_processor, patchify, renormalize_patches)
 
@@ -127,17 +128,20 @@ class Preprocessing:
     image_size: int = IMAGE_SIZE
     mean: tuple[float, ...] = CLIP_MEAN  # the encoder's normalisation (readers give CLIP-normalised pixels)
     std: tuple[float, ...] = CLIP_STD
+    whole_frames: tuple[int, ...] = (0,)  # codec mode: sampled frames kept whole (`select_patches`)
 
     @classmethod
     def with_defaults(cls, mode: str = "codec", frames: int | None = None, budget: int | None = None,
-                      **sizes) -> "Preprocessing":
+                      whole_frames=None, **sizes) -> "Preprocessing":
         """`frames` and `budget` left out get the published defaults of `mode` (64 frames and 2048 patches
-        for codec, 16 frames for frames, none for image)."""
+        for codec, 16 frames for frames, none for image); `whole_frames`, frame 0 (codec mode only)."""
         if mode in DEFAULT_FRAMES and frames is None:
             frames = DEFAULT_FRAMES[mode]
         if mode == "codec" and budget is None:
             budget = DEFAULT_BUDGET
-        return cls(mode, frames, budget, **sizes)
+        if whole_frames is not None and mode != "codec":
+            raise ValueError(f"whole_frames only applies to mode 'codec', not {mode!r}")
+        return cls(mode, frames, budget, **sizes, whole_frames=(0,) if whole_frames is None else whole_frames)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -148,11 +152,13 @@ class Preprocessing:
         elif self.frames is None or self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.mode == "codec":
-            # Selection keeps the first frame whole, so the budget holds at least one frame of patches.
+            # Selection keeps the whole frames whole, so the budget holds at least their patches.
+            object.__setattr__(self, "whole_frames", check_whole_frames(self.whole_frames, self.frames))
             per_frame = (self.video_size // self.patch_size) ** 2
-            candidates = self.frames * per_frame
-            if self.budget is None or not per_frame <= self.budget <= candidates:
-                raise ValueError(f"budget must be between {per_frame} (one whole frame) and {candidates} "
+            least, candidates = len(self.whole_frames) * per_frame, self.frames * per_frame
+            whole = "one whole frame" if len(self.whole_frames) == 1 else f"{len(self.whole_frames)} whole frames"
+            if self.budget is None or not least <= self.budget <= candidates:
+                raise ValueError(f"budget must be between {least} ({whole}) and {candidates} "
                                  f"({self.frames} frames of {self.video_size} px in {self.patch_size} px "
                                  f"patches), got {self.budget}")
         elif self.budget is not None:
@@ -168,7 +174,8 @@ class Preprocessing:
         """What an item read in `mode` records about how it was read."""
         if mode == "image":
             return {"mode": "image", "frames": None, "budget": None, "size": self.image_size}
-        return {"mode": mode, "frames": self.frames, "budget": self.budget, "size": self.video_size}
+        return {"mode": mode, "frames": self.frames, "budget": self.budget, "size": self.video_size,
+                **({"whole_frames": list(self.whole_frames)} if mode == "codec" else {})}
 
     def load(self, path: str) -> PatchClip:
         clip = self._load_clip(path)
@@ -184,7 +191,7 @@ class Preprocessing:
             return self._load_image(path)
         if mode == "codec":
             return select_patches(path, num_frames=self.frames, budget=self.budget, size=self.video_size,
-                                  patch_size=self.patch_size)
+                                  patch_size=self.patch_size, whole_frames=self.whole_frames)
         return sample_frames(path, num_frames=self.frames, size=self.video_size, patch_size=self.patch_size)
 
     def _load_image(self, path: str) -> PatchClip:

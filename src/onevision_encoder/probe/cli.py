@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..cli import positive_int
+from ..codec.cli import add_whole_frames_argument
 from ..encode.encoder import DEFAULT_MODEL, DTYPES
 from .run import MODES, ProbeSettings, run_probe
 
@@ -29,6 +30,7 @@ def add_probe_parser(sub) -> None:
                    help="TSN frames (default) or codec-selected patches (our model only)")
     p.add_argument("--frames", type=positive_int, help="frames per clip (default 8 for frames, 64 for codec)")
     p.add_argument("--budget", type=positive_int, default=2048, help="codec patches kept (default %(default)s)")
+    add_whole_frames_argument(p)
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -51,7 +53,7 @@ def _run_probe(args) -> int:
     try:
         settings = ProbeSettings(
             model=args.model, train=args.train, val=args.val, out=args.out, root=args.root, mode=args.mode,
-            frames=args.frames, budget=args.budget, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            frames=args.frames, budget=args.budget, whole_frames=args.whole_frames, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, augment=args.augment,
             standardize=args.standardize, device=args.device, dtype=args.dtype, workers=args.workers,
             overwrite=args.overwrite, progress=sys.stderr.isatty())

@@ -4,7 +4,8 @@
   for augmented training, the segment centre otherwise), short side to the encoder's size (bicubic),
   centre crop, the encoder's normalisation. Our model gets t = round(idx/(n-1)·63) on its 64-slot grid;
   other encoders get the frame ordinal 0..N-1.
-- Codec mode (our model only): `select_patches` over 64 frames with the budget, as `ove encode` does.
+- Codec mode (our model only): `select_patches` over 64 frames with the budget (and `whole_frames`, frame
+  0 by default), as `ove encode` does.
 
 `ProbeClips` is also an `ove encode` reader (`mode`, `frames`, `budget`, sizes, `item_mode`, `describe`,
 `load`), so the cache is made by the `Encoder` itself: sharded, resumable, failures recorded.
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from ..codec import select_patches
 from ..encode.inputs import Sample
 from ..processing import CLIP_MEAN, CLIP_STD, PatchClip, grid_positions, patchify, resize_frames
-from ..video import VideoDecodeError, VideoFile, quarter_turns
+from ..codec.video import VideoDecodeError, VideoFile, quarter_turns
 
 JITTER = 0.125
 TEMPORAL_SLOTS = 64
@@ -87,6 +88,7 @@ class ProbeClips:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     ordinal_time: bool = False
+    whole_frames: tuple[int, ...] = (0,)  # codec mode: sampled frames kept whole
 
     @property
     def image_size(self) -> int:  # part of the reader interface; the probe reads videos only
@@ -96,14 +98,16 @@ class ProbeClips:
         return self.mode
 
     def describe(self, mode: str) -> dict:
-        return {"mode": mode, "frames": self.frames, "budget": self.budget, "size": self.video_size}
+        return {"mode": mode, "frames": self.frames, "budget": self.budget, "size": self.video_size,
+                **({"whole_frames": list(self.whole_frames)} if mode == "codec" else {})}
 
     def load(self, path: str, rng: np.random.Generator | None = None, jitter: bool = False) -> PatchClip:
         """One clip as a normalised patch list. rng: random TSN offsets (training); jitter: colour jitter
         drawn from rng. Without rng: segment centres, no jitter (evaluation, and the cache)."""
         p = self.patch_size
         if self.mode == "codec":
-            clip = select_patches(path, num_frames=self.frames, budget=self.budget, size=self.video_size, patch_size=p)
+            clip = select_patches(path, num_frames=self.frames, budget=self.budget, size=self.video_size, patch_size=p,
+                                  whole_frames=self.whole_frames)
             pixels = _unnormalize(clip.pixel_values, CLIP_MEAN, CLIP_STD)
             positions = clip.patch_positions
         else:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backbones import load_backbone
+from ..codec.selection import check_whole_frames
 from ..encode.encoder import DTYPES, Encoder, Ranks, _rank_device
 from .clips import ProbeClips
 from .head import AttentiveProbe
@@ -48,6 +49,7 @@ class ProbeSettings:
     mode: str = "frames"
     frames: int | None = None  # default 8 for frames, 64 for codec
     budget: int = 2048
+    whole_frames: tuple[int, ...] | None = None  # codec mode: sampled frames kept whole (default frame 0)
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-4
@@ -78,6 +80,10 @@ class ProbeSettings:
         for name in ("epochs", "batch_size", "frames"):
             if getattr(self, name) < 1:
                 raise ProbeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.whole_frames is not None:
+            if self.mode != "codec":
+                raise ProbeError(f"--whole-frames only applies to codec mode, not {self.mode!r}")
+            self.whole_frames = check_whole_frames(self.whole_frames, self.frames)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ProbeError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -125,7 +131,8 @@ def _reader(backbone, s: ProbeSettings) -> ProbeClips:
         if not backbone.takes_patch_lists:
             raise ProbeError(f"{backbone.name} encodes whole frames only: codec mode needs a model that takes patch "
                              "lists (the OneVision Encoder); use --mode frames")
-        return ProbeClips("codec", s.frames, s.budget, b.patch_size, b.video_size, b.mean, b.std)
+        return ProbeClips("codec", s.frames, s.budget, b.patch_size, b.video_size, b.mean, b.std,
+                          whole_frames=(0,) if s.whole_frames is None else tuple(s.whole_frames))
     return ProbeClips("tsn", s.frames, None, b.patch_size, b.video_size, b.mean, b.std,
                       ordinal_time=backbone.ordinal_time)
 

@@ -19,7 +19,6 @@ from onevision_encoder import (
     temporal_slots,
 )
 from onevision_encoder.codec import (
-    _camera_free_magnitude,
     camera_free_motion,
     choose_patches,
     motion_cells,
@@ -30,7 +29,8 @@ from onevision_encoder.codec import (
 )
 from onevision_encoder.processing import normalize, patchify, resize_frames
 from onevision_encoder.synthetic import write_video
-from onevision_encoder.video import motion_vectors
+from onevision_encoder.codec.block_matching import _camera_free_magnitude
+from onevision_encoder.codec.video import VideoFile, motion_vectors
 
 SIZE, P = 224, 14
 ROWS = SIZE // P
@@ -130,7 +130,7 @@ def test_budget_as_fraction_count_too_large_and_invalid(videos):
     for bad in (0, -5, 0.0, 1.5, "many", True):
         with pytest.raises(ValueError, match="budget"):
             select_patches(path, budget=bad)
-    with pytest.raises(ValueError, match="first frame"):
+    with pytest.raises(ValueError, match="whole frame"):
         select_patches(path, budget=100)
     with pytest.raises(ValueError, match="policy"):
         select_patches(path, policy="magic")
@@ -210,7 +210,7 @@ def test_sample_frames_matches_the_dense_video_preprocessing(videos):
 def tiny_model():
     from onevision_encoder import OneVisionEncoderModel
 
-    path = os.path.join(os.path.dirname(__file__), "data", "tiny-p14")
+    path = os.path.join(os.path.dirname(__file__), "..", "data", "tiny-p14")
     return OneVisionEncoderModel.from_pretrained(path).eval()
 
 
@@ -359,7 +359,7 @@ def test_scan_for_one_policy_selects_the_same_as_a_full_scan(videos, policy):
     with pytest.raises(ValueError, match="did not measure"):
         patch_scores(only, other)
     assert torch.equal(select_patches(path, policy=policy).kept,
-                       choose_patches(patch_scores(full, policy), full.valid, 2048, True, policy == "balanced"))
+                       choose_patches(patch_scores(full, policy), full.valid, 2048, (0,), policy == "balanced"))
 
 
 def test_block_weighted_camera_free_motion_equals_the_per_cell_definition(tmp_path):
@@ -399,8 +399,6 @@ def test_block_motion_finds_a_known_shift_and_reads_flat_areas_as_still():
 
 
 def test_skipping_undecoded_b_frames_changes_no_selection(tmp_path, monkeypatch):
-    from onevision_encoder.video import VideoFile
-
     path = write_video(tmp_path / "b.mp4", num_frames=90, width=W, height=H, bf=3)["path"]
     skipped = scan_video(path)
     frames = VideoFile.frames
@@ -444,23 +442,23 @@ def test_motion_since_is_the_same_inline_and_one_interval_at_a_time(videos, monk
     out by several threads at once, finishing in any order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from onevision_encoder import codec
+    from onevision_encoder.codec.motion import _MotionSince
 
     path = videos["pan"]["path"]
     default = scan_video(path, policy="balanced")
-    make = codec._MotionSince.__init__
+    make = _MotionSince.__init__
     with ThreadPoolExecutor(3) as pool:
         change = {"inline": {"pool": None}, "one-interval-batches": {"batch": 1},
                   "several-threads": {"pool": pool, "batch": 1}}[setting]
         changed = lambda self, *args, **kw: make(self, *args, **{**kw, **change})  # noqa: E731
-        monkeypatch.setattr(codec._MotionSince, "__init__", changed)
+        monkeypatch.setattr(_MotionSince, "__init__", changed)
         other = scan_video(path, policy="balanced")
     np.testing.assert_array_equal(default.motion_since, other.motion_since)
     assert (default.motion_since[1:].reshape(63, -1).max(1) > 0).mean() > 0.9  # (nearly) every interval moved
 
 
 def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_path):
-    from onevision_encoder.codec import _BlockCanvas, _camera_free_cells
+    from onevision_encoder.codec.motion import _BlockCanvas, _camera_free_cells
 
     vectors = _pan_motion_vectors(tmp_path)
     assert vectors[0] is None and sum(v is not None for v in vectors) > 10  # a key frame, then P/B frames
@@ -499,7 +497,7 @@ def test_scan_without_worker_threads_equals_the_threaded_scan(videos, codec):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
 def test_worker_threads_run_a_little_below_the_callers_priority():
-    from onevision_encoder.codec import WORKER_NICENESS, _worker_pool
+    from onevision_encoder.codec.workers import WORKER_NICENESS, _worker_pool
 
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -515,8 +513,6 @@ def test_worker_threads_run_a_little_below_the_callers_priority():
 
 
 def test_a_sampled_frame_the_decoder_drops_repeats_the_one_before(videos, monkeypatch):
-    from onevision_encoder.video import VideoFile
-
     path = videos["h264"]["path"]
     whole = scan_video(path, num_frames=16)
     dropped = int(whole.frame_ids[5])
@@ -535,7 +531,7 @@ def test_a_sampled_frame_the_decoder_drops_repeats_the_one_before(videos, monkey
 
 
 def test_weighted_medians_by_histogram_equal_those_by_sorting():
-    from onevision_encoder.codec import _weighted_medians
+    from onevision_encoder.codec.motion import _weighted_medians
 
     rng = np.random.default_rng(0)
     for trial in range(100):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from onevision_encoder.synthetic import write_video
-from onevision_encoder.video import VideoDecodeError, VideoFile, decode_frames, motion_vectors, probe_video
+from onevision_encoder.codec.video import VideoDecodeError, VideoFile, decode_frames, motion_vectors, probe_video
 
 W, H = 192, 144
 

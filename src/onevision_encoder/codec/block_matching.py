@@ -1,0 +1,84 @@
+"""Motion without motion vectors (HEVC, VP9, AV1 ...): block matching between sampled frames' luma cells;
+and the motion-compensated prediction used as the residual stand-in."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cells import CELL, _WorkMap
+
+
+@lru_cache(maxsize=4)
+def _search(radius: int):
+    """The shifts (dy, dx) block matching tries, nearest first (ties go to the smallest shift, so flat areas
+    read as still), each one's index into the (2r+1)^2 grid of shifts, and its SAD penalty factor."""
+    n = 2 * radius + 1
+    span = range(-radius, radius + 1)
+    shifts = torch.tensor(sorted(((dy, dx) for dy in span for dx in span), key=lambda s: abs(s[0]) + abs(s[1])))
+    grid_index = (shifts[:, 0] + radius) * n + shifts[:, 1] + radius
+    penalty = 1 + 1e-3 * shifts.abs().sum(1).float()
+    return shifts, grid_index, penalty.view(-1, 1, 1)
+
+
+def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, block: int = 4, cell: int = CELL):
+    """Motion (vx, vy) in decoded pixels per cell of `current`, from block matching against `previous`.
+
+    For codecs whose decoder exports no motion vectors. Works on luma cells (`cell` pixels a side): blocks
+    of `block`x`block` cells (16x16 pixels for 4-pixel cells) searched over +-`radius` cells (+-16 pixels)
+    by sum of absolute differences, the SAD raised by 0.1% per cell of shift so that near-ties go to the
+    smaller shift. All shifts at once in torch: a strided view of the padded previous frame per shift,
+    one subtraction, block sums by adding the block's rows, then its columns (about 1 ms at 160x90 cells).
+    """
+    h, w = current.shape
+    n = 2 * radius + 1
+    bh, bw = -(-h // block), -(-w // block)
+    height, width = bh * block, bw * block
+    padded = torch.from_numpy(np.ascontiguousarray(previous, np.float32))[None]
+    padded = F.pad(padded, (radius, radius + width - w, radius, radius + height - h), mode="replicate")[0]
+    s0, s1 = padded.stride()
+    shifted = padded.as_strided((n, n, height, width), (s0, s1, s0, s1))  # [dy + r, dx + r]: moved by (dy, dx)
+    target = torch.zeros(height, width)
+    target[:h, :w] = torch.from_numpy(current)
+    diff = torch.sub(shifted, target, out=torch.empty(n, n, height, width)).abs_()
+    diff[:, :, h:], diff[:, :, :, w:] = 0, 0  # cells past the frame's edge count nothing
+    # Block sums: the block's rows first (contiguous adds), then its columns on a quarter of the data (strided
+    # adds): 2x faster than columns first. Luma cells are whole numbers, so the sums are exact in any order.
+    rows = diff.view(n * n, bh, block, width)
+    sad = rows[:, :, 0].clone()
+    for i in range(1, block):
+        sad += rows[:, :, i]
+    columns = sad.view(n * n, bh, bw, block)
+    sad = columns[..., 0].clone()
+    for i in range(1, block):
+        sad += columns[..., i]
+    shifts, grid_index, penalty = _search(radius)
+    # the first minimum, in search order (`min(0)`, documented to give the first, ran 4x faster than argmin)
+    best = shifts[sad.index_select(0, grid_index).mul_(penalty).min(0).indices]
+    v = (best * cell).float().permute(2, 0, 1).repeat_interleave(block, 1).repeat_interleave(block, 2)
+    return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
+
+
+def _block_motion_since(previous: Future, current: Future, wmap: _WorkMap, out: np.ndarray) -> None:
+    """Write the camera-free magnitude of the `block_motion` from `previous`'s luma cells to `current`'s
+    (Futures of jobs submitted earlier to the same worker pool: taken first, so they finish) to `out`, on the
+    working grid in model pixels."""
+    vx, vy = block_motion(previous.result(), current.result(), cell=wmap.cell)
+    out[...] = wmap(_camera_free_magnitude(vx, vy)) * wmap.scale
+
+
+def _camera_free_magnitude(vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
+    """|v - median(v)| per cell: the per-component median over the frame stands for camera motion."""
+    return np.hypot(vx - np.median(vx), vy - np.median(vy))
+
+
+def _warp_cells(cells: np.ndarray, vx: np.ndarray, vy: np.ndarray, cell: int = CELL) -> np.ndarray:
+    """Motion-compensated prediction: each cell takes the (nearest) cell its vector points to."""
+    h, w = cells.shape
+    rows = np.clip(np.rint(np.arange(h)[:, None] + vy / cell), 0, h - 1).astype(np.int64)
+    cols = np.clip(np.rint(np.arange(w)[None, :] + vx / cell), 0, w - 1).astype(np.int64)
+    return cells[rows, cols]

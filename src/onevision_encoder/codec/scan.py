@@ -1,0 +1,223 @@
+"""One decoding pass over a video (`scan_video`): the sampled frames on the model's square, and the maps the
+policies score, measured while decoding goes on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..processing import RESIZE_MODES, FrameGeometry
+from .block_matching import _block_motion_since, _camera_free_magnitude, _warp_cells, block_motion
+from .cells import WORK_PER_PATCH, _WorkMap
+from .motion import _BlockCanvas, _camera_free_cells, _canvas_and_blocks, _motion_cells, _MotionSince
+from .scores import POLICIES
+from .video import VideoDecodeError, VideoFile, motion_vectors, quarter_turns, sample_indices
+from .workers import _SquareFrames, _torch_single_threaded
+
+
+@dataclass
+class VideoScan:
+    """What one decoding pass learnt about the sampled frames (maps on the square working grid).
+
+    pictures: `[T, 3, size, size]` uint8 (resized like `resize_frames`; `frames` gives them as floats in
+    0..1); geometry: where the picture lies on them; valid: `[rows, cols]` patches that show picture;
+    own_motion / residual: the sampled frame's own camera-free motion (model pixels)
+    and motion-compensated residual (luma 0..255) (policy "reference"); motion_since / change_since: motion
+    accumulated since the previous sampled frame (I/P frames and the sample) and the luma change since it
+    (policy "balanced"). Maps are `[T, work, work]`, zero for slot 0.
+    """
+
+    path: str
+    frame_ids: np.ndarray
+    pictures: torch.Tensor
+    geometry: FrameGeometry
+    valid: torch.Tensor
+    patch_size: int
+    motion_source: str  # "bitstream" (codec motion vectors), "block-matching" or "none"
+    total_frames: int
+    own_motion: np.ndarray | None = None
+    residual: np.ndarray | None = None
+    motion_since: np.ndarray | None = None
+    change_since: np.ndarray | None = None
+    work_valid: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def frames(self) -> torch.Tensor:
+        """The sampled frames as floats `[T, 3, size, size]` in 0..1 (letterbox padding in the CLIP mean)."""
+        return self.geometry.to_float(self.pictures)
+
+
+def _check_geometry(size: int, patch_size: int, resize: str) -> None:
+    if patch_size < 1 or size < patch_size or size % patch_size:
+        raise ValueError(f"size {size} must be a positive multiple of patch_size {patch_size}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+
+
+def scan_video(
+    path: str | os.PathLike,
+    num_frames: int = 64,
+    size: int = 224,
+    patch_size: int = 14,
+    resize: str = "crop",
+    motion: bool = True,
+    progress: bool = False,
+    policy: str | None = None,
+) -> VideoScan:
+    """Decode `path` once, keep the `num_frames` sampled frames resized, and measure motion and change.
+
+    Memory stays at the sampled frames plus a few cell maps, whatever the video's length. The frame count
+    N comes from the container (`VideoFile.info`); if decoding yields fewer frames than announced, the
+    slots past the end repeat the last sampled frame (with no motion). motion=False only samples frames
+    (`sample_frames`). policy: measure only what that policy scores (None: both, e.g. to compare them on
+    one scan). Worker threads (resizing, luma, motion sums, block matching) are used when torch may use
+    more than one thread here: not inside a DataLoader worker process, which torch limits to one.
+    """
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    _check_geometry(size, patch_size, resize)
+    threads = torch.get_num_threads()
+    with VideoFile(path) as video:
+        return _scan(video, num_frames, size, patch_size, resize, motion, progress, policy, threads)
+
+
+def _worker_count(threads: int, bitstream: bool) -> int:
+    """Worker threads beside the decoding thread, given torch's thread count. H.264's decoder (slice
+    threading) decodes a one-slice frame on one core: one worker fewer than torch's threads, so that the
+    workers leave the decoder its core. On 2 cores, one worker for everything instead of two plus one for
+    the motion sums took 640x360 H.264 from 1.52-1.62x to 1.35-1.42x decode-only time (medians of 48
+    alternating runs). HEVC's decoder works on several cores of its own (wavefront), and there one worker
+    fell behind it (1.70-1.84x -> 1.82-2.07x): those codecs keep torch's thread count."""
+    if threads < 2:
+        return 0
+    return min(4, threads - 1 if bitstream else threads)
+
+
+@_torch_single_threaded()
+def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy, threads) -> VideoScan:
+    path = video.path
+    info = video.info(timestamps=True)
+    total = info.frame_count
+    # Without bitstream motion vectors (HEVC, VP9, AV1...), motion comes from block matching on the luma.
+    bitstream = info.exports_motion_vectors
+    workers = _worker_count(threads, bitstream)
+    frame_ids = sample_indices(total, num_frames)
+    slots_of: dict[int, list[int]] = {}
+    for slot, fid in enumerate(frame_ids.tolist()):
+        slots_of.setdefault(fid, []).append(slot)
+    own_maps = motion and policy in (None, "reference")  # each sampled frame's own motion and residual
+    since_maps = motion and policy in (None, "balanced")  # motion and change since the previous sample
+    # the residual needs the frame before each sample
+    needed_before = set((frame_ids[frame_ids > 0] - 1).tolist()) if own_maps else set()
+    work = (size // patch_size) * WORK_PER_PATCH
+
+    maps = {k: np.zeros((num_frames, work, work), np.float32) for k in ("own", "res", "since", "change")}
+    bar = _progress(total, path) if progress else None
+    wmap = squares = None
+    motion_source = ("bitstream" if bitstream else "block-matching") if motion else "none"
+    accumulated = previous_luma = sampled_luma = None
+    last_anchor = 0  # display number of the last I/P frame: the usual reference of the frames after it
+    decoded = 0
+    needed = slots_of.keys() | needed_before
+    matched = []  # without bitstream motion: the block matching since the previous sample, being worked out
+    stream = video.frames(motion and bitstream, needed.__contains__, info.presentation_numbers)
+    try:
+        for number, frame in stream:
+            if bar is not None:
+                bar.update(number + 1 - decoded)
+            decoded = number + 1
+            if number > frame_ids[-1]:
+                break  # everything sampled: stop decoding
+            if wmap is None:
+                wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
+                cell = wmap.cell
+                canvas = _BlockCanvas(frame.height, frame.width, cell)
+                squares = _SquareFrames(wmap, num_frames, workers)
+                accumulated = _MotionSince(canvas, wmap, maps["since"], pool=squares.pool)
+            is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
+            since = is_sampled and since_maps and number > 0 and sampled_luma is not None
+            first = slots_of[number][0] if is_sampled else None
+            # the luma change since the previous sample, worked out by the job that measures this frame's luma
+            change = (sampled_luma, maps["change"][first]) if since else None
+            # Luma cells (a Future) of the frames a map needs. A sampled frame's are measured in its picture's
+            # job, except for "reference", which needs them at once (its maps are made here, as frames come).
+            separate_luma = motion and number in needed and (own_maps or not is_sampled)
+            luma = squares.luma(frame, cell, change) if separate_luma else None
+            # Motion since the previous sample: each I/P frame is predicted from the I/P frame before it, so
+            # their vectors chain over the interval once; B-frames (which point back to the same I/P frame,
+            # and may not even be decoded) add nothing but the sample's own vectors.
+            wanted = is_sampled or (since_maps and is_anchor)
+            vectors = motion_vectors(frame) if motion and bitstream and wanted else None
+            if vectors is not None and since_maps:
+                accumulated.add(vectors)
+            if is_sampled:
+                if separate_luma:
+                    squares.put(frame, slots_of[number])
+                else:  # its result: the luma cells (None without motion)
+                    luma = squares.put(frame, slots_of[number], cell if motion else None, change)
+                if own_maps and number > 0 and previous_luma is not None:
+                    this, before = luma.result(), previous_luma.result()
+                    own, own_v = _own_motion(bitstream, vectors, this, before, number - last_anchor, cell)
+                    maps["own"][first] = wmap(own) * wmap.scale
+                    maps["res"][first] = wmap(np.abs(this - _warp_cells(before, *own_v, cell)))
+                if since and not bitstream:
+                    matched.append(squares.submit(_block_motion_since, sampled_luma, luma, wmap, maps["since"][first]))
+                accumulated.end_interval(first if since and bitstream else None)
+                sampled_luma = luma
+            if is_anchor:  # the reference of the frames that follow
+                last_anchor = number
+            previous_luma = luma
+        shown = squares.finish() if squares is not None else None
+        if shown is None:
+            raise VideoDecodeError(path, "none of the sampled frames could be decoded")
+        pictures, geometry = squares.pictures, wmap.plan.geometry
+        accumulated.finish()
+        for job in matched:
+            job.result()
+    finally:
+        stream.close()
+        if squares is not None:
+            squares.close()
+        if bar is not None:
+            bar.close()
+    frame_ids = frame_ids[shown]  # slots whose frame never came show (and name) an earlier one
+    return VideoScan(
+        path=path,
+        frame_ids=frame_ids,
+        pictures=pictures,
+        geometry=geometry,
+        valid=geometry.valid_patches(patch_size),
+        patch_size=patch_size,
+        motion_source=motion_source,
+        total_frames=total,
+        own_motion=maps["own"] if own_maps else None,
+        residual=maps["res"] if own_maps else None,
+        motion_since=maps["since"] if since_maps else None,
+        change_since=maps["change"] if since_maps else None,
+        work_valid=wmap.valid,
+    )
+
+
+def _own_motion(bitstream: bool, vectors, luma, previous_luma, anchor_distance: int, cell: int):
+    """The sampled frame's own camera-free motion magnitude and per-frame vectors (cells).
+
+    From its motion vectors when the codec has them (none on intra frames: zero motion), the vectors
+    divided by the distance to their reference for the warp; otherwise from block matching against the
+    previous decoded frame.
+    """
+    if bitstream:
+        canvas, blocks = _canvas_and_blocks(vectors, luma.shape, cell)  # worked out once for both maps
+        vx, vy = _motion_cells(canvas, blocks)
+        d = max(1, anchor_distance)
+        return _camera_free_cells(canvas, blocks)[0], (vx / d, vy / d)
+    vx, vy = block_motion(previous_luma, luma, cell=cell)
+    return _camera_free_magnitude(vx, vy), (vx, vy)
+
+
+def _progress(total: int, path: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=os.path.basename(path), unit="frame", leave=False, dynamic_ncols=True)
