@@ -198,12 +198,15 @@ def render_brief_event(label: int, num_frames: int = 160, width: int = 128, heig
                        event_fraction: float = 0.02) -> tuple[list[np.ndarray], tuple[int, int]]:
     """A clip whose class is a brief event: a small square of colour `EVENT_COLOURS[label]` shows for
     `event_fraction` of the frames (at least one) at a random time and place, while a textured disc bounces
-    around the textured background the whole time (motion that says nothing about the class).
+    around the textured background the whole time (motion that says nothing about the class). Everything
+    but the event is grey.
     Returns (frames, (first, stop) frames of the event)."""
     if not 0 <= label < len(EVENT_COLOURS):
         raise ValueError(f"label must be in 0..{len(EVENT_COLOURS) - 1}, got {label}")
     rng = np.random.default_rng(seed)
-    background, texture = _texture(height, width, rng), _texture(height, width, rng, cell=6)
+    # Grey scene: colour belongs to the event alone, so whoever sees the event sees its class.
+    background, texture = (_texture(height, width, rng, cell).mean(-1, keepdims=True).astype(np.uint8).repeat(3, -1)
+                           for cell in (12, 6))
     r, side = min(height, width) / 6, min(height, width) // 4
     position = rng.uniform([r, r], [height - r, width - r])
     velocity = rng.uniform(1.5, 3.0, 2) * rng.choice([-1, 1], 2)

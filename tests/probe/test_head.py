@@ -52,3 +52,14 @@ def test_standardisation_divides_out_token_statistics():
     standard.load_state_dict({**plain.state_dict(), "token_mean": mean, "token_std": std})
     x, times, mask = torch.randn(2, 4, 64), torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool)
     torch.testing.assert_close(standard(x * std + mean, times, mask), plain(x, times, mask))
+
+
+def test_single_query_attention_equals_multihead_attention():
+    torch.manual_seed(0)
+    head = AttentiveProbe(256, 3).eval()
+    with torch.no_grad():
+        head.attention.in_proj_bias.normal_()  # biases matter too
+    x = torch.randn(3, 7, 256)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [True] + [False] * 6])
+    expected, _ = head.attention(head.query.expand(3, -1, -1), x, x, key_padding_mask=~mask, need_weights=False)
+    torch.testing.assert_close(head.attend(x, mask), expected[:, 0], atol=1e-5, rtol=1e-4)

@@ -112,9 +112,11 @@ def run_probe(settings: ProbeSettings, model=None) -> dict:
             loss, failed = trainer.train_epoch(epoch)
             seconds = time.perf_counter() - start
             predictions, val_failed = trainer.evaluate(val_tokens, val.paths, val.labels)
+            val_seconds = time.perf_counter() - start - seconds
             failures.update({("train", train.paths[i]): e for i, e in failed})
             failures.update({("val", val.paths[i]): e for i, e in val_failed})
-            epochs.append({"epoch": epoch + 1, "train_loss": loss, **metrics(predictions), "train_seconds": seconds})
+            epochs.append({"epoch": epoch + 1, "train_loss": loss, **metrics(predictions), "train_seconds": seconds,
+                           "val_seconds": val_seconds})
         report = _report(s, backbone, classes, train, val, epochs, predictions, failures, cache, encode_seconds,
                          ranks.world_size)
         if ranks.rank == 0:
