@@ -230,9 +230,11 @@ def render_brief_event(label: int, num_frames: int = 160, width: int = 128, heig
 
 
 def render_motion_direction(label: int, num_frames: int = 64, width: int = 128, height: int = 96, seed: int = 0,
-                            speed: float = 2.0) -> list[np.ndarray]:
+                            speed: float = 2.0, trail: int = 6) -> list[np.ndarray]:
     """A clip whose class is the direction a textured square moves in (`DIRECTIONS[label]`: left, right, up,
-    down), `speed` pixels a frame from a random start, wrapping around the textured background."""
+    down), `speed` pixels a frame from a random start, wrapping around the textured background. It leaves
+    a trail fading over `trail` frames, as motion blur does, so that a single frame shows the direction
+    too (an encoder whose tokens carry no time can still see it)."""
     if not 0 <= label < len(DIRECTIONS):
         raise ValueError(f"label must be in 0..{len(DIRECTIONS) - 1}, got {label}")
     rng = np.random.default_rng(seed)
@@ -242,11 +244,13 @@ def render_motion_direction(label: int, num_frames: int = 64, width: int = 128, 
     yy, xx = np.mgrid[0:height, 0:width]
     frames = []
     for i in range(num_frames):
-        y0, x0 = (start + speed * i * np.array(DIRECTIONS[label])) % (height, width)
-        inside = ((yy - y0) % height < side) & ((xx - x0) % width < side)
-        frame = background.copy()
-        frame[inside] = texture[inside]
-        frames.append(frame)
+        frame = background.astype(np.float32)
+        for age in range(trail, -1, -1):  # oldest first: newer positions cover older ones
+            y0, x0 = (start + speed * (i - age) * np.array(DIRECTIONS[label])) % (height, width)
+            inside = ((yy - y0) % height < side) & ((xx - x0) % width < side)
+            weight = 1 - age / (trail + 1)
+            frame[inside] = weight * texture[inside] + (1 - weight) * frame[inside]
+        frames.append(frame.round().astype(np.uint8))
     return frames
 
 

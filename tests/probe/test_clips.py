@@ -63,3 +63,16 @@ def test_training_sampling_varies_with_the_rng_and_jitter_stays_in_range(video):
     assert jittered.min() >= 0 and jittered.max() <= 1
     ratio = (jittered.mean() / pixels.mean()).item()
     assert 0.8 < ratio < 1.2  # never the published near-black multiplier
+
+
+def test_whole_frames_pass_through_to_the_selection(video):
+    from onevision_encoder.probe import ProbeError, ProbeSettings
+
+    clip = ProbeClips("codec", 16, 768, 14, 224, whole_frames=(0, 8)).load(video)
+    expected = select_patches(video, num_frames=16, budget=768, size=224, patch_size=14, whole_frames=(0, 8))
+    assert torch.equal(clip.patch_positions, expected.patch_positions)
+    assert int((expected.kept[8]).sum()) == 256
+    with pytest.raises(ProbeError, match="only applies to codec mode"):
+        ProbeSettings("m", "t", "v", "o", mode="frames", whole_frames=(0,))
+    with pytest.raises(ValueError, match="out of range"):
+        ProbeSettings("m", "t", "v", "o", mode="codec", frames=16, whole_frames=(16,))

@@ -142,8 +142,8 @@ def _reader(backbone, s: ProbeSettings) -> ProbeClips:
 def _sources(backbone, reader, s: ProbeSettings, train_paths, val_paths, device, dtype, out):
     """(train tokens, val tokens, cache description or None)."""
     if not s.cache:
-        live = LiveTokens(backbone, reader, train_paths, device, dtype, _workers(s), s.seed, s.augment, s.batch_size)
-        val_live = LiveTokens(backbone, reader, val_paths, device, dtype, _workers(s), s.seed, False, s.batch_size)
+        live = LiveTokens(backbone, reader, train_paths, device, dtype, _workers(s), s.seed, s.augment)
+        val_live = LiveTokens(backbone, reader, val_paths, device, dtype, _workers(s), s.seed, False)
         return live, val_live, None
     cache_dir = s.cache_dir or os.path.join(out, CACHE_DIR)
     # The cache keeps tokens in the compute dtype: bfloat16 on GPU (tokens x D x 2 bytes a clip).

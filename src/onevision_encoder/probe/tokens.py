@@ -65,16 +65,15 @@ class LiveTokens:
     """Tokens computed by the backbone, reading clips in loader workers while it runs."""
 
     def __init__(self, backbone, reader: ProbeClips, paths: list[str], device, dtype, workers: int, seed: int,
-                 augment: bool, batch_size: int):
+                 augment: bool):
         self.backbone, self.reader, self.paths = backbone, reader, paths
         self.device, self.dtype, self.workers, self.seed, self.augment = device, dtype, workers, seed, augment
-        self.batch_size = batch_size
 
     def batches(self, shares: list[list[int]], epoch: int | None):
         """epoch None: evaluation sampling (segment centres); else training sampling of that epoch."""
         train = epoch is not None and self.augment
         dataset = TrainingClips(self.paths, self.reader, self.seed, epoch if train else None, jitter=train)
-        loader = DataLoader(dataset, batch_sampler=[s for s in shares], num_workers=self.workers,
+        loader = DataLoader(dataset, batch_sampler=shares, num_workers=self.workers,
                             collate_fn=collate_samples, prefetch_factor=2 if self.workers else None,
                             multiprocessing_context=_worker_context() if self.workers else None,
                             worker_init_fn=functools.partial(_exit_with, os.getpid()))
