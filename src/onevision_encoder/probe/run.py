@@ -24,7 +24,7 @@ from ..codec.selection import check_whole_frames
 from ..encode.encoder import DTYPES, Encoder, Ranks, _rank_device
 from .clips import ProbeClips
 from .head import AttentiveProbe
-from .lists import ListError, label_classes, read_list
+from .lists import label_classes, read_list
 from .report import METRICS, REPORT_FILE, metrics, prediction_lines, write_run
 from .tokens import CachedTokens, LiveTokens
 
@@ -299,4 +299,4 @@ def _report(s, backbone, classes, train, val, epochs, predictions, failures, cac
     }
 
 
-__all__ = ["ListError", "ProbeError", "ProbeSettings", "run_probe"]
+__all__ = ["ProbeError", "ProbeSettings", "run_probe"]
