@@ -7,9 +7,12 @@ plus one 640x360 H.264 clip with two slices a frame (plus any videos given), the
 decode-only time (PyAV, all frames, same threading; least of 5 runs, the timed calls taking turns), the time
 of `sample_frames` for the same 64 frames (decoding plus resizing, what any frame-sampling pipeline pays: the
 difference to the selection is the cost of the motion analysis), and the replenishment PSNR of uniform whole
-frames, "reference" and the default policy at K = 2048 and 4096 of 64x256. Last line:
-`select_vs_decode=X.XX psnr_gain_db=Y.YY` (default policy vs uniform frames, K=2048, averaged over the videos;
-select_vs_decode is the median ratio over all of them).
+frames, "reference" and the default policy at K = 2048 and 4096 of 64x256. Beside the wall-time ratio, the
+CPU time of a selection in one torch thread without worker threads (what `ove encode`'s loader processes run)
+against the CPU time of decoding every frame (least of 5, `time.process_time`, which counts every thread of
+the process, so other work on the machine does not enter it). Last line: `select_vs_decode=X.XX
+psnr_gain_db=Y.YY select_cpu_vs_decode=Z.ZZ` (default policy vs uniform frames, K=2048, averaged over the
+videos; the two ratios are medians over all of them).
 
 Slices matter to the speed ratio: with slice threading (what both sides use) a frame of one slice decodes on
 one core, and the selection's own work (resizing, motion) runs on the others beside it; a frame of several
@@ -62,17 +65,30 @@ def decode_all(path: str) -> None:
             pass
 
 
-def best_seconds(calls: dict, repeats: int = 5) -> dict:
-    """Least wall time of each of `calls` ({name: function}), the calls taking turns: the machine is shared
-    and its speed drifts over minutes, so the minimum is the least disturbed time, and taking turns lets every
-    call meet the same moments (timed one after the other, a slow minute could fall on one side only)."""
+def best_seconds(calls: dict, repeats: int = 5, clock=time.perf_counter) -> dict:
+    """Least time (`clock`: wall time by default) of each of `calls` ({name: function}), the calls taking
+    turns: the machine is shared and its speed drifts over minutes, so the minimum is the least disturbed
+    time, and taking turns lets every call meet the same moments (timed one after the other, a slow minute
+    could fall on one side only)."""
     times = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             call()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: min(t) for name, t in times.items()}
+
+
+def single_thread_cpu_seconds(path: str) -> dict:
+    """CPU seconds of decoding every frame and of a selection, with torch on one thread, so the selection
+    runs without worker threads, as in a DataLoader worker process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best_seconds({"decode": lambda: decode_all(path), "select": lambda: select_patches(path, budget=BUDGETS[0])},
+                            clock=time.process_time)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measure(path: str) -> dict:
@@ -82,6 +98,7 @@ def measure(path: str) -> dict:
         # decoding and resizing the same 64 frames, as any frame-sampling pipeline must
         "sample": lambda: sample_frames(path, num_frames=64),
     })
+    cpu = single_thread_cpu_seconds(path)
     scan = scan_video(path)
     frames = scan.frames  # floats, made once: each `scan.frames` converts the uint8 pictures again
     num_frames, rows = len(frames), frames.shape[-1] // scan.patch_size
@@ -92,7 +109,8 @@ def measure(path: str) -> dict:
         for policy in ("reference", DEFAULT_POLICY):
             kept = choose_patches(patch_scores(scan, policy), scan.valid, budget, (0,), policy == "balanced")
             psnr[(policy, budget)] = replenishment_psnr(frames, kept, scan.patch_size)
-    return {**timed, "psnr": psnr, "motion": scan.motion_source, "frames": scan.total_frames}
+    return {**timed, "cpu": cpu["select"] / cpu["decode"], "psnr": psnr, "motion": scan.motion_source,
+            "frames": scan.total_frames}
 
 
 def frame_sizes(text: str) -> list[tuple[int, int]]:
@@ -138,13 +156,14 @@ def main() -> int:
         videos.update({os.path.basename(v): v for v in args.videos})
         results = {name: measure(path) for name, path in videos.items()}
 
-    print(f"{'video':<26}{'frames':>7}{'motion':>16}{'decode s':>10}{'sample s':>10}{'select s':>10}{'ratio':>7}", end="")
+    print(f"{'video':<26}{'frames':>7}{'motion':>16}{'decode s':>10}{'sample s':>10}{'select s':>10}{'ratio':>7}"
+          f"{'cpu 1t':>7}", end="")
     for budget in BUDGETS:
         print(f"{'uniform':>10}{'ref':>8}{DEFAULT_POLICY[:8]:>10}", end="")
     print("   (replenishment PSNR dB at K=" + ", ".join(map(str, BUDGETS)) + ")")
     for name, r in results.items():
         print(f"{name:<26}{r['frames']:>7}{r['motion']:>16}{r['decode']:>10.3f}{r['sample']:>10.3f}{r['select']:>10.3f}"
-              f"{r['select'] / r['decode']:>7.2f}", end="")
+              f"{r['select'] / r['decode']:>7.2f}{r['cpu']:>7.2f}", end="")
         for budget in BUDGETS:
             p = r["psnr"]
             print(f"{p[('uniform', budget)]:>10.2f}{p[('reference', budget)]:>8.2f}{p[(DEFAULT_POLICY, budget)]:>10.2f}",
@@ -152,7 +171,8 @@ def main() -> int:
         print()
     ratio = statistics.median(r["select"] / r["decode"] for r in results.values())
     gain = statistics.mean(r["psnr"][(DEFAULT_POLICY, 2048)] - r["psnr"][("uniform", 2048)] for r in results.values())
-    print(f"select_vs_decode={ratio:.2f} psnr_gain_db={gain:.2f}")
+    cpu = statistics.median(r["cpu"] for r in results.values())
+    print(f"select_vs_decode={ratio:.2f} psnr_gain_db={gain:.2f} select_cpu_vs_decode={cpu:.2f}")
     return 0
 
 

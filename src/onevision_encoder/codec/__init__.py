@@ -6,9 +6,10 @@ The flow, one module per step:
          --scan.py---> the sampled frames on the model's square + per-frame maps on a working grid
                        (cells.py: the grid; workers.py: resizing and luma in threads beside the decoder;
                         motion.py: bitstream motion vectors, camera motion; block_matching.py: motion where
-                        the codec exports no vectors)
+                        the codec exports no vectors; reference.py: the published reader's maps)
          --scores.py-> one score per patch, under a policy ("balanced" or "reference")
-         --selection.py: choose_patches -> kept patches; select_patches packs them -> CodecClip, the patch list
+         --selection.py: choose_patches -> kept patches (whole_frames whole, then a global top-K);
+                       select_patches packs them -> CodecClip, the patch list
 
 `quality.py` measures what a selection keeps (replenishment PSNR), `contact_sheet.py` draws it, `cli.py` is
 `ove select`.
@@ -20,7 +21,15 @@ from .motion import camera_free_motion, motion_cells
 from .quality import replenish, replenishment_psnr
 from .scan import VideoScan, scan_video
 from .scores import DEFAULT_POLICY, POLICIES, patch_scores
-from .selection import CodecClip, choose_patches, sample_frames, save_selection, select_patches, uniform_frames_mask
+from .selection import (
+    CodecClip,
+    check_whole_frames,
+    choose_patches,
+    sample_frames,
+    save_selection,
+    select_patches,
+    uniform_frames_mask,
+)
 from .video import VideoDecodeError
 
 __all__ = [
@@ -31,6 +40,7 @@ __all__ = [
     "VideoScan",
     "block_motion",
     "camera_free_motion",
+    "check_whole_frames",
     "choose_patches",
     "collate_patch_lists",
     "motion_cells",

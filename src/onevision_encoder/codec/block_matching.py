@@ -1,5 +1,4 @@
-"""Motion without motion vectors (HEVC, VP9, AV1 ...): block matching between sampled frames' luma cells;
-and the motion-compensated prediction used as the residual stand-in."""
+"""Motion without motion vectors (HEVC, VP9, AV1 ...): block matching between frames' luma cells."""
 
 from __future__ import annotations
 
@@ -75,10 +74,3 @@ def _camera_free_magnitude(vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
     """|v - median(v)| per cell: the per-component median over the frame stands for camera motion."""
     return np.hypot(vx - np.median(vx), vy - np.median(vy))
 
-
-def _warp_cells(cells: np.ndarray, vx: np.ndarray, vy: np.ndarray, cell: int = CELL) -> np.ndarray:
-    """Motion-compensated prediction: each cell takes the (nearest) cell its vector points to."""
-    h, w = cells.shape
-    rows = np.clip(np.rint(np.arange(h)[:, None] + vy / cell), 0, h - 1).astype(np.int64)
-    cols = np.clip(np.rint(np.arange(w)[None, :] + vx / cell), 0, w - 1).astype(np.int64)
-    return cells[rows, cols]

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from ..processing import RESIZE_MODES, FrameGeometry
-from .block_matching import _block_motion_since, _camera_free_magnitude, _warp_cells, block_motion
-from .cells import WORK_PER_PATCH, _WorkMap
-from .motion import _BlockCanvas, _camera_free_cells, _canvas_and_blocks, _motion_cells, _MotionSince
+from .block_matching import _block_motion_since
+from .cells import CELL, WORK_PER_PATCH, _CellsToPatches, _WorkMap
+from .motion import _BlockCanvas, _MotionSince
+from .reference import reference_maps
 from .scores import POLICIES
 from .video import VideoDecodeError, VideoFile, motion_vectors, quarter_turns, sample_indices
 from .workers import _SquareFrames, _torch_single_threaded
@@ -24,8 +25,9 @@ class VideoScan:
 
     pictures: `[T, 3, size, size]` uint8 (resized like `resize_frames`; `frames` gives them as floats in
     0..1); geometry: where the picture lies on them; valid: `[rows, cols]` patches that show picture;
-    own_motion / residual: the sampled frame's own camera-free motion (model pixels)
-    and motion-compensated residual (luma 0..255) (policy "reference"); motion_since / change_since: motion
+    own_motion / residual: the sampled frame's own motion term and residual stand-in, each scaled per
+    frame by its P95 (0..1 a pixel) and summed over each patch, `[T, rows, cols]` (`reference.reference_maps`;
+    policy "reference"); motion_since / change_since: motion
     accumulated since the previous sampled frame (I/P frames and the sample) and the luma change since it
     (policy "balanced"). Maps are `[T, work, work]`, zero for slot 0.
     """
@@ -110,19 +112,20 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
         slots_of.setdefault(fid, []).append(slot)
     own_maps = motion and policy in (None, "reference")  # each sampled frame's own motion and residual
     since_maps = motion and policy in (None, "balanced")  # motion and change since the previous sample
-    # the residual needs the frame before each sample
+    # the residual stand-in needs the frame before each sample
     needed_before = set((frame_ids[frame_ids > 0] - 1).tolist()) if own_maps else set()
     work = (size // patch_size) * WORK_PER_PATCH
 
-    maps = {k: np.zeros((num_frames, work, work), np.float32) for k in ("own", "res", "since", "change")}
+    maps = {k: np.zeros((num_frames, work, work), np.float32) for k in ("since", "change")}
+    rows = size // patch_size
+    maps.update({k: np.zeros((num_frames, rows, rows), np.float32) for k in ("own", "res")})  # patch sums
     bar = _progress(total, path) if progress else None
     wmap = squares = None
     motion_source = ("bitstream" if bitstream else "block-matching") if motion else "none"
-    accumulated = previous_luma = sampled_luma = None
-    last_anchor = 0  # display number of the last I/P frame: the usual reference of the frames after it
+    accumulated = previous_plane = sampled_luma = None
     decoded = 0
     needed = slots_of.keys() | needed_before
-    matched = []  # without bitstream motion: the block matching since the previous sample, being worked out
+    jobs = []  # maps being worked out: block matching since the previous sample, "reference" maps
     stream = video.frames(motion and bitstream, needed.__contains__, info.presentation_numbers)
     try:
         for number, frame in stream:
@@ -137,15 +140,16 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 canvas = _BlockCanvas(frame.height, frame.width, cell)
                 squares = _SquareFrames(wmap, num_frames, workers)
                 accumulated = _MotionSince(canvas, wmap, maps["since"], pool=squares.pool)
+                # "reference" works on 4x4-pixel cells, as published, summed over each patch's area
+                fine = _CellsToPatches.for_map(wmap, CELL, patch_size)
+                coarse = (cell, _CellsToPatches.for_map(wmap, cell, patch_size))
             is_sampled, is_anchor = number in slots_of, frame.pict_type in (1, 2)  # I or P
             since = is_sampled and since_maps and number > 0 and sampled_luma is not None
             first = slots_of[number][0] if is_sampled else None
             # the luma change since the previous sample, worked out by the job that measures this frame's luma
             change = (sampled_luma, maps["change"][first]) if since else None
-            # Luma cells (a Future) of the frames a map needs. A sampled frame's are measured in its picture's
-            # job, except for "reference", which needs them at once (its maps are made here, as frames come).
-            separate_luma = motion and number in needed and (own_maps or not is_sampled)
-            luma = squares.luma(frame, cell, change) if separate_luma else None
+            # "reference": the full-resolution luma (a Future) of the samples and of the frames before them
+            plane = squares.plane(frame) if own_maps and number in needed else None
             # Motion since the previous sample: each I/P frame is predicted from the I/P frame before it, so
             # their vectors chain over the interval once; B-frames (which point back to the same I/P frame,
             # and may not even be decoded) add nothing but the sample's own vectors.
@@ -154,28 +158,22 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             if vectors is not None and since_maps:
                 accumulated.add(vectors)
             if is_sampled:
-                if separate_luma:
-                    squares.put(frame, slots_of[number])
-                else:  # its result: the luma cells (None without motion)
-                    luma = squares.put(frame, slots_of[number], cell if motion else None, change)
-                if own_maps and number > 0 and previous_luma is not None:
-                    this, before = luma.result(), previous_luma.result()
-                    own, own_v = _own_motion(bitstream, vectors, this, before, number - last_anchor, cell)
-                    maps["own"][first] = wmap(own) * wmap.scale
-                    maps["res"][first] = wmap(np.abs(this - _warp_cells(before, *own_v, cell)))
+                # its result: the luma cells ("balanced"; None otherwise)
+                luma = squares.put(frame, slots_of[number], cell if since_maps else None, change)
+                if own_maps and number > 0 and previous_plane is not None:
+                    jobs.append(squares.submit(reference_maps, plane, previous_plane, vectors, bitstream, fine,
+                                               coarse, maps["own"][first], maps["res"][first]))
                 if since and not bitstream:
-                    matched.append(squares.submit(_block_motion_since, sampled_luma, luma, wmap, maps["since"][first]))
+                    jobs.append(squares.submit(_block_motion_since, sampled_luma, luma, wmap, maps["since"][first]))
                 accumulated.end_interval(first if since and bitstream else None)
                 sampled_luma = luma
-            if is_anchor:  # the reference of the frames that follow
-                last_anchor = number
-            previous_luma = luma
+            previous_plane = plane
         shown = squares.finish() if squares is not None else None
         if shown is None:
             raise VideoDecodeError(path, "none of the sampled frames could be decoded")
         pictures, geometry = squares.pictures, wmap.plan.geometry
         accumulated.finish()
-        for job in matched:
+        for job in jobs:
             job.result()
     finally:
         stream.close()
@@ -199,22 +197,6 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
         change_since=maps["change"] if since_maps else None,
         work_valid=wmap.valid,
     )
-
-
-def _own_motion(bitstream: bool, vectors, luma, previous_luma, anchor_distance: int, cell: int):
-    """The sampled frame's own camera-free motion magnitude and per-frame vectors (cells).
-
-    From its motion vectors when the codec has them (none on intra frames: zero motion), the vectors
-    divided by the distance to their reference for the warp; otherwise from block matching against the
-    previous decoded frame.
-    """
-    if bitstream:
-        canvas, blocks = _canvas_and_blocks(vectors, luma.shape, cell)  # worked out once for both maps
-        vx, vy = _motion_cells(canvas, blocks)
-        d = max(1, anchor_distance)
-        return _camera_free_cells(canvas, blocks)[0], (vx / d, vy / d)
-    vx, vy = block_motion(previous_luma, luma, cell=cell)
-    return _camera_free_magnitude(vx, vy), (vx, vy)
 
 
 def _progress(total: int, path: str):

@@ -1,10 +1,9 @@
 """Scores: a scan's maps fused into one score per patch under a policy.
 
-- "reference": the published LMM pipeline (REFERENCE section 4): each sampled frame's own L0 motion vectors,
-  camera motion removed by the per-frame median, `clip(m / P95(m))`, plus a residual energy scaled by its
-  per-frame P95, averaged. Stock FFmpeg exports no residuals: the stand-in is the motion-compensated
-  residual `|Y_t - warp(Y_t-1, v / d)|` of the decoded luma, the previous decoded frame warped by the
-  frame's vectors divided by the distance d to its previous I/P frame (the usual reference).
+- "reference": the published LMM pipeline (REFERENCE section 4): `(mv_norm + res_norm) / 2` per pixel, each
+  term scaled per frame by its P95 (`reference.py` makes both on 4x4-pixel cells: the motion term as
+  published, the residual term from a stand-in, since stock FFmpeg exports no residuals; the stand-in
+  enters at `REFERENCE_RESIDUAL_WEIGHT`).
 - "balanced" (default): motion accumulated since the previous sampled frame (the camera-free L0 motion of
   the I/P frames in between, each predicted from the one before, plus the sampled frame's own) and the luma
   change since that sampled frame, each scaled by one clip-level P95 (with floors) instead of per-frame P95,
@@ -48,11 +47,6 @@ def _picture_values(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return maps[..., rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy()
 
 
-def _per_frame_p95(maps: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
-    p95 = np.percentile(_picture_values(maps, valid).reshape(len(maps), -1), 95, axis=1, overwrite_input=True)
-    return np.clip(maps / np.maximum(p95.astype(np.float32), floor)[:, None, None], 0, 1)
-
-
 def _clip_p95(maps: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
     p95 = float(np.percentile(_picture_values(maps[1:], valid), 95, overwrite_input=True)) if len(maps) > 1 else 0.0
     return np.clip(maps / max(p95, floor), 0, 1)
@@ -62,6 +56,10 @@ def _clip_p95(maps: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
 # are what codec noise and re-encoding produce on still content; they must not be stretched to full score.
 MOTION_FLOOR_PX = 1.0
 CHANGE_FLOOR = 8.0
+# "reference": the weight of the residual stand-in (the P95-scaled frame difference) in place of the published
+# residual term. Agreement with the published selection on the shared clip (frames 1..63): motion alone 0.81,
+# weight 0.35 / 0.5 / 0.65 / 0.8 / 1: 0.855 / 0.858 / 0.853 / 0.839 / 0.806 (README, "Codec input").
+REFERENCE_RESIDUAL_WEIGHT = 0.5
 
 
 @_torch_single_threaded()
@@ -72,9 +70,11 @@ def patch_scores(scan: VideoScan, policy: str = DEFAULT_POLICY) -> torch.Tensor:
     if policy in POLICIES and measured is None:
         raise ValueError(f"this scan did not measure what policy {policy!r} scores (made with motion=False "
                          "or for another policy)")
-    if policy == "reference":
-        fused = (_per_frame_p95(scan.own_motion, valid, 1e-6) + _per_frame_p95(scan.residual, valid, 1.0)) / 2
-    elif policy == "balanced":
+    if policy == "reference":  # made as patch sums (`reference.reference_maps`)
+        fused = torch.from_numpy((scan.own_motion + REFERENCE_RESIDUAL_WEIGHT * scan.residual) / 2)
+        fused[0] = 0
+        return fused * scan.valid
+    if policy == "balanced":
         fused = (_clip_p95(scan.motion_since, valid, MOTION_FLOOR_PX) + _clip_p95(scan.change_since, valid, CHANGE_FLOOR)) / 2
     else:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")

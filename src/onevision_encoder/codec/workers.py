@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-from .cells import _WorkMap, luma_cells
+from .cells import SCALER_THREADS, _WorkMap, luma_cells
 
 WORKER_NICENESS = 5  # added to the worker threads' nice value (`_start_worker`)
 
@@ -49,9 +49,9 @@ def _submit(pool: ThreadPoolExecutor | None, fn, *args, **kwargs) -> Future:
 
 
 class _SquareFrames:
-    """Puts the sampled frames on the model's square, and measures frames' luma cells, in worker threads
-    while decoding goes on (`pool` also takes the motion sums, and the block matching of codecs without
-    motion vectors).
+    """Puts the sampled frames on the model's square, and measures their luma (cells, or whole planes for
+    "reference"), in worker threads while decoding goes on (`pool` also takes the motion sums, the block
+    matching of codecs without motion vectors and the "reference" maps).
 
     The RGB conversion and the resize release the GIL and, on small videos, cost about as much as decoding
     every frame: done in turn with decoding they added their whole time to the selection; the luma cells,
@@ -76,16 +76,19 @@ class _SquareFrames:
         return _submit(self.pool, fn, *args, **kwargs)
 
     def put(self, frame, slots: list[int], cell: int | None = None, change: tuple | None = None) -> Future:
-        """Put a sampled frame on its square; with `cell`, also `luma(frame, cell, change)` in the same job,
-        the Future's result (each hand-off costs the decoding thread tens of microseconds)."""
+        """Put a sampled frame on its square; with `cell`, also measure its luma cells (`luma_cells(frame,
+        cell)`) in the same job, the Future's result (each hand-off costs the decoding thread tens of
+        microseconds). change: (the Future of an earlier frame's luma cells, a `[work, work]` array): also
+        write the luma change since that frame there, on the working grid."""
         job = self.submit(self._square, frame, slots[0], cell, change)
         self._wait_behind(slots, job)
         return job
 
-    def luma(self, frame, cell: int, change: tuple | None = None) -> Future:
-        """`luma_cells(frame, cell)`, to come. change: (the Future of an earlier frame's luma cells, a
-        `[work, work]` array): also write the luma change since that frame there, on the working grid."""
-        job = self.submit(self._luma, frame, cell, change)
+    def plane(self, frame) -> Future:
+        """The frame's full-resolution luma (uint8, 8-bit full range: FFmpeg's "gray"), to come. Its own
+        scaler: one reused for another size would be set up again each time."""
+        job = self.submit(lambda: self._scaler("plane").reformat(frame, format="gray",
+                                                                  threads=SCALER_THREADS).to_ndarray())
         self._wait_behind([], job)
         return job
 
