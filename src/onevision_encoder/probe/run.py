@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backbones import load_backbone
-from ..codec.selection import check_whole_frames
+from ..codec import check_whole_frames
 from ..encode.encoder import DTYPES, Encoder, Ranks, _rank_device
 from .clips import ProbeClips
 from .head import AttentiveProbe
