@@ -13,10 +13,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .codec.cli import add_select_parser
     from .encode.cli import add_encode_parser
     from .lmm.cli import add_lmm_parser
+    from .probe.cli import add_probe_parser
     from .train.cli import add_concepts_parser, add_train_parser
 
     add_select_parser(sub)
     add_encode_parser(sub)
+    add_probe_parser(sub)
     add_concepts_parser(sub)
     add_train_parser(sub)
     add_lmm_parser(sub)

@@ -220,6 +220,16 @@ def normalize(pixels: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return (pixels.sub_(mean) if inplace else pixels - mean).div_(std)
 
 
+def renormalize_patches(patches: torch.Tensor, mean, std) -> torch.Tensor:
+    """CLIP-normalised patches `[..., C*p*p]` ((C, p, p) order) -> the same pixels normalised with another
+    encoder's `mean`/`std` (one per channel), so every reader can stay on CLIP statistics."""
+    c = len(mean)
+    x = patches.unflatten(-1, (c, -1))
+    clip_mean, clip_std, new_mean, new_std = (torch.tensor(v, dtype=patches.dtype).view(c, 1)
+                                              for v in (CLIP_MEAN, CLIP_STD, mean, std))
+    return (x * clip_std + clip_mean - new_mean).div_(new_std).flatten(-2)
+
+
 def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`[..., C, H, W]` -> `[..., (H/p)*(W/p), C*p*p]`: raster-order patches, each flattened in (C, p, p)
     order, the layout of the patch-embedding Conv2d weight (so a patch list embeds exactly like the image)."""

@@ -181,3 +181,136 @@ def write_image(path: str | os.PathLike, width: int = 320, height: int = 240, se
     path = os.fspath(path)
     Image.fromarray(_texture(height, width, np.random.default_rng(seed))).save(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labelled datasets for the attentive probe
+# ----------------------------------------------------------------------------------------------------------
+
+DATASETS = ("brief_event", "motion_direction")
+EVENT_COLOURS = ((235, 40, 40), (40, 210, 60), (50, 90, 240), (245, 225, 40), (210, 60, 220), (40, 220, 225))
+DIRECTIONS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # (dy, dx) per class: left, right, up, down
+
+
+def _disc(height: int, width: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+
+
+def render_brief_event(label: int, num_frames: int = 160, width: int = 128, height: int = 96, seed: int = 0,
+                       event_fraction: float = 0.02) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """A clip whose class is a brief event: a small square of colour `EVENT_COLOURS[label]` shows for
+    `event_fraction` of the frames (at least one) at a random time and place, while a textured disc bounces
+    around the textured background the whole time (motion that says nothing about the class). Everything
+    but the event is grey.
+    Returns (frames, (first, stop) frames of the event)."""
+    if not 0 <= label < len(EVENT_COLOURS):
+        raise ValueError(f"label must be in 0..{len(EVENT_COLOURS) - 1}, got {label}")
+    rng = np.random.default_rng(seed)
+    # Grey scene: colour belongs to the event alone, so whoever sees the event sees its class.
+    background, texture = (_texture(height, width, rng, cell).mean(-1, keepdims=True).astype(np.uint8).repeat(3, -1)
+                           for cell in (12, 6))
+    r, side = min(height, width) / 6, min(height, width) // 4
+    position = rng.uniform([r, r], [height - r, width - r])
+    velocity = rng.uniform(1.5, 3.0, 2) * rng.choice([-1, 1], 2)
+    length = max(1, round(num_frames * event_fraction))
+    first = int(rng.integers(1, num_frames - length))
+    top, left = int(rng.integers(0, height - side)), int(rng.integers(0, width - side))
+    frames = []
+    for i in range(num_frames):
+        frame = background.copy()
+        position += velocity
+        for axis, limit in enumerate((height, width)):  # bounce off the edges
+            if not r <= position[axis] <= limit - r:
+                velocity[axis] = -velocity[axis]
+                position[axis] = np.clip(position[axis], r, limit - r)
+        mask = _disc(height, width, *position, r)
+        frame[mask] = texture[mask]
+        if first <= i < first + length:
+            frame[top : top + side, left : left + side] = EVENT_COLOURS[label]
+        frames.append(frame)
+    return frames, (first, first + length)
+
+
+def render_motion_direction(label: int, num_frames: int = 64, width: int = 128, height: int = 96, seed: int = 0,
+                            speed: float = 2.0, trail: int = 6) -> list[np.ndarray]:
+    """A clip whose class is the direction a textured square moves in (`DIRECTIONS[label]`: left, right, up,
+    down), `speed` pixels a frame from a random start, wrapping around the textured background. It leaves
+    a trail fading over `trail` frames, as motion blur does, so that a single frame shows the direction
+    too (an encoder whose tokens carry no time can still see it)."""
+    if not 0 <= label < len(DIRECTIONS):
+        raise ValueError(f"label must be in 0..{len(DIRECTIONS) - 1}, got {label}")
+    rng = np.random.default_rng(seed)
+    background, texture = _texture(height, width, rng), _texture(height, width, rng, cell=6)
+    side = min(height, width) // 3
+    start = rng.uniform(0, [height, width])
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = []
+    for i in range(num_frames):
+        frame = background.astype(np.float32)
+        for age in range(trail, -1, -1):  # oldest first: newer positions cover older ones
+            y0, x0 = (start + speed * (i - age) * np.array(DIRECTIONS[label])) % (height, width)
+            inside = ((yy - y0) % height < side) & ((xx - x0) % width < side)
+            weight = 1 - age / (trail + 1)
+            frame[inside] = weight * texture[inside] + (1 - weight) * frame[inside]
+        frames.append(frame.round().astype(np.uint8))
+    return frames
+
+
+def write_probe_dataset(folder: str | os.PathLike, kind: str = "brief_event", num_classes: int = 4,
+                        train_per_class: int = 32, val_per_class: int = 16, codec: str = "h264", seed: int = 0,
+                        **render) -> tuple[str, str]:
+    """Write a labelled video dataset for `ove probe`: clips under `folder/videos/` and the lists
+    `folder/train.csv`, `folder/val.csv` in the published format (`relative_path,label`, no header).
+    kind: "brief_event" (`render_brief_event`) or "motion_direction" (`render_motion_direction`); other
+    keyword arguments go to the renderer (num_frames, width, height, ...). Every clip has its own seed.
+    Returns the paths of the two lists."""
+    if kind not in DATASETS:
+        raise ValueError(f"kind must be one of {DATASETS}, got {kind!r}")
+    folder = os.fspath(folder)
+    os.makedirs(os.path.join(folder, "videos"), exist_ok=True)
+    lists = {}
+    number = 0
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        lines = []
+        for i in range(per_class):
+            for label in range(num_classes):
+                clip_seed = seed * 1_000_003 + number
+                number += 1
+                if kind == "brief_event":
+                    frames, _ = render_brief_event(label, seed=clip_seed, **render)
+                else:
+                    frames = render_motion_direction(label, seed=clip_seed, **render)
+                name = f"videos/{split}_{i:04d}_{label}.mp4"
+                write_frames(os.path.join(folder, name), frames, codec)
+                lines.append(f"{name},{label}\n")
+        lists[split] = os.path.join(folder, f"{split}.csv")
+        with open(lists[split], "w") as f:
+            f.writelines(lines)
+    return lists["train"], lists["val"]
+
+
+def write_pixel_encoder(folder: str | os.PathLike, hidden_size: int = 128, num_layers: int = 2, patch_size: int = 14,
+                        seed: int = 0) -> str:
+    """Write a small OneVision checkpoint (published layout) whose tokens carry the pixels plainly: a fresh
+    random initialisation with every layer's output projections (attention out_proj, MLP fc2) zeroed, so
+    each token is its patch's normalised embedding. A fully random checkpoint scrambles the pixels (its
+    token dimensions differ wildly in scale); this one lets a probe on generated data measure what the
+    inputs show, not what a random network hides. Returns the folder."""
+    import torch
+
+    from .configuration import OneVisionEncoderConfig
+    from .modeling import OneVisionEncoderModel
+
+    torch.manual_seed(seed)
+    config = OneVisionEncoderConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                    num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 64),
+                                    patch_size=patch_size)
+    model = OneVisionEncoderModel(config)
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    model.save_pretrained(os.fspath(folder))
+    return os.fspath(folder)

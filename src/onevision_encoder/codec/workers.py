@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-from .cells import _WorkMap, luma_cells
+from .cells import SCALER_THREADS, _WorkMap, luma_cells
 
 WORKER_NICENESS = 5  # added to the worker threads' nice value (`_start_worker`)
 
@@ -87,7 +87,8 @@ class _SquareFrames:
     def plane(self, frame) -> Future:
         """The frame's full-resolution luma (uint8, 8-bit full range: FFmpeg's "gray"), to come. Its own
         scaler: one reused for another size would be set up again each time."""
-        job = self.submit(lambda: self._scaler("plane").reformat(frame, format="gray").to_ndarray())
+        job = self.submit(lambda: self._scaler("plane").reformat(frame, format="gray",
+                                                                  threads=SCALER_THREADS).to_ndarray())
         self._wait_behind([], job)
         return job
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..backbones import load_backbone
 from .inputs import EncodeDataset, Preprocessing, collate_samples, discover_inputs
 from .features import (
     FAILURES_FILE,
@@ -43,6 +44,7 @@ from .features import (
 DEFAULT_MODEL = "lmms-lab-encoder/onevision-encoder-large"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESOLUTIONS = ("crop", "native")  # images: 448 centre crop (published) or their own size in whole patches
+OTHER_ENCODER_FRAMES = 8
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_SHARD_SIZE_WITH_TOKENS = 64  # 64 codec clips of ViT-L tokens in bf16 are ~270 MB
 # Ranks wait for each other at the start and the end; the longest wait is about one chunk of work.
@@ -69,6 +71,7 @@ class EncodeSettings:
     dtype: str
     tokens: bool
     shard_size: int
+    video_pooling: str | None = None  # other encoders' video embedding; None for ours
     whole_frames: list[int] | None = None  # codec mode's frames kept whole
 
     def differences(self, recorded: dict) -> list[str]:
@@ -129,31 +132,18 @@ def default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2) // local_ranks - 1))
 
 
-def _load_model(name: str):
-    """A local folder in the published layout, or a hub id; a path that does not exist is named as such
-    rather than being passed on as a (malformed) hub id."""
-    from ..modeling import OneVisionEncoderModel
-
-    if (os.path.isabs(name) or name.startswith((".", "~"))) and not os.path.isdir(os.path.expanduser(name)):
-        raise ValueError(f"model {name!r}: no such folder")
-    return OneVisionEncoderModel.from_pretrained(os.path.expanduser(name), dtype=torch.float32)
-
-
-def _model_name(model) -> str:
-    if isinstance(model, (str, os.PathLike)):
-        model = os.fspath(model)
-        return os.path.abspath(model) if os.path.isdir(model) else model
-    return getattr(model.config, "_name_or_path", "") or type(model).__name__
-
-
 class Encoder:
-    """Turns videos and images into OneVision Encoder features.
+    """Turns videos and images into features of the OneVision Encoder or of another image encoder.
 
-    model: a hub id or a local folder in the published layout (loaded with `OneVisionEncoderModel`), or a
-    loaded model. mode: how videos are read, "codec" (codec-style patch selection, the default) or
-    "frames" (uniform frames), or "image" to accept images only; images always get the image
-    preprocessing. frames / budget: per-video frames and kept patches (default 64 / 2048 for codec,
-    16 frames for frames); whole_frames: the sampled frames codec mode keeps whole (default [0]). tokens: keep every token's features and position, not only the pooled ones.
+    model: a hub id or a local folder (published layout, or any transformers vision model: see
+    `backbones.load_backbone`), a loaded model or a `Backbone`. mode: how videos are read, "codec"
+    (codec-style patch selection, the default for our model) or "frames" (uniform frames; the default, and
+    the only video mode, for other encoders), or "image" to accept images only; images always get the
+    model's image preprocessing. frames / budget: per-video frames and kept patches (default 64 / 2048 for
+    codec, 16 frames for frames, 8 for other encoders). video_pooling: other encoders' embedding of a video,
+    "mean" of its frames' or their "concat"enation. preprocessing: a reader of its own in place of the one
+    mode, frames and budget describe (the probe's clip sampling). whole_frames: the sampled frames codec
+    mode keeps whole (default [0]). tokens: keep every token's features and position, not only the pooled ones.
     dtype: "float32", "bfloat16" or "float16" (autocast; default bfloat16 on GPU, float32 on CPU).
     workers: DataLoader worker processes that decode and select patches (0 = in this process).
     resolution: images as the published 448 px centre crop ("crop") or at their own size, sides rounded to
@@ -167,7 +157,7 @@ class Encoder:
         self,
         model=DEFAULT_MODEL,
         *,
-        mode: str = "codec",
+        mode: str | None = None,
         frames: int | None = None,
         budget: int | None = None,
         whole_frames: Sequence[int] | None = None,
@@ -179,6 +169,8 @@ class Encoder:
         shard_size: int | None = None,
         resolution: str = "crop",
         progress: bool = True,
+        video_pooling: str = "mean",
+        preprocessing=None,
     ):
         self.device = _rank_device(device)
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
@@ -189,16 +181,12 @@ class Encoder:
         shard_size = shard_size or (DEFAULT_SHARD_SIZE_WITH_TOKENS if tokens else DEFAULT_SHARD_SIZE)
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        self.model_name = _model_name(model)
-        if isinstance(model, (str, os.PathLike)):
-            model = _load_model(os.fspath(model))
-        self.model = model.to(self.device).eval()
-        config = self.model.config
         if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
-        sizes = {"image_size": "native"} if resolution == "native" else {}
-        self.preprocessing = Preprocessing.with_defaults(mode, frames, budget, whole_frames,
-                                                         patch_size=config.patch_size, **sizes)
+        self.model = load_backbone(model, video_pooling).to(self.device).eval()
+        self.model_name = self.model.name
+        self.preprocessing = preprocessing or _preprocessing_for(self.model, mode, frames, budget, whole_frames,
+                                                                 resolution)
         self.dtype = DTYPES[dtype]
         self.tokens = tokens
         self.batch_size = batch_size
@@ -209,9 +197,11 @@ class Encoder:
         from .. import __version__
 
         p = self.preprocessing
-        self.settings = EncodeSettings(self.model_name, __version__, config.hidden_size, p.mode, p.frames, p.budget,
-                                       p.patch_size, p.video_size, p.image_size, dtype, tokens, shard_size,
-                                       list(p.whole_frames) if p.mode == "codec" else None)
+        pooling = None if self.model.takes_patch_lists else self.model.video_pooling
+        self.settings = EncodeSettings(self.model_name, __version__, self.model.pooled_size, p.mode, p.frames,
+                                       p.budget, p.patch_size, p.video_size, p.image_size, dtype, tokens, shard_size,
+                                       video_pooling=pooling,
+                                       whole_frames=list(p.whole_frames) if p.mode == "codec" else None)
 
     def encode(self, inputs, out: str | os.PathLike | None = None) -> Features:
         """Encode `inputs` (files, folders, CSV/JSONL lists). Inputs that fail are listed in
@@ -334,15 +324,35 @@ class Encoder:
         with its pooled features, token count and, if this encoder keeps tokens, tokens and positions."""
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            output = self.model(**inputs)
+            output = self.model(inputs["pixel_values"], inputs["patch_positions"], inputs["attention_mask"])
         pooled = output.pooler_output.float().cpu()
-        lengths = inputs["attention_mask"].sum(1).tolist()
+        lengths = output.attention_mask.sum(1).tolist()
         if not self.tokens:
             return [ItemFeatures("", pooled=pooled[i], num_tokens=k) for i, k in enumerate(lengths)]
         hidden = output.last_hidden_state.to(self.dtype).cpu()
-        positions = inputs["patch_positions"].cpu()
+        positions = output.token_positions.cpu()
         return [ItemFeatures("", pooled=pooled[i], num_tokens=k, tokens=hidden[i, :k].clone(),
                              positions=positions[i, :k].clone()) for i, k in enumerate(lengths)]
+
+
+def _preprocessing_for(backbone, mode: str | None, frames: int | None, budget: int | None,
+                       whole_frames=None, resolution: str = "crop") -> Preprocessing:
+    """The reader for this backbone: our model defaults to codec selection; other encoders take whole frames
+    (8 by default, as their published comparisons), at their own size and normalisation."""
+    s = backbone.settings
+    sizes = dict(patch_size=s.patch_size, video_size=s.video_size, image_size=s.image_size, mean=s.mean, std=s.std)
+    if resolution == "native":  # any size in whole patches: a patch list, which only our model takes
+        if not backbone.takes_patch_lists:
+            raise ValueError(f"{backbone.name} takes images at its own fixed size: resolution 'native' is for "
+                             "the OneVision Encoder")
+        sizes["image_size"] = "native"
+    if backbone.takes_patch_lists:
+        return Preprocessing.with_defaults(mode or "codec", frames, budget, whole_frames, **sizes)
+    if mode == "codec":
+        raise ValueError(f"{backbone.name} encodes whole frames only: use mode 'frames' or 'image', not 'codec'")
+    mode = mode or "frames"
+    return Preprocessing.with_defaults(mode, frames or (OTHER_ENCODER_FRAMES if mode == "frames" else None),
+                                       budget, whole_frames, **sizes)
 
 
 def _worker_context():

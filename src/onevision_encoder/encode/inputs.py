@@ -5,7 +5,8 @@ with a `path` key). Every input becomes one `PatchClip`:
 
 - videos: codec-style patch selection (`codec.select_patches`, the default) or uniform frame sampling
   (`codec.sample_frames`);
-- images: the model's image preprocessing (short side 448, centre crop, CLIP normalisation), then cut into
+- images: the model's image preprocessing (short side 448, centre crop, CLIP normalisation; other encoders:
+  their size and normalisation), then cut into
   patches at positions (0, row, col). A patch list at those positions gives the model exactly the tokens of
   the dense image, so images and videos share batches through `collate_patch_lists`.
 
@@ -26,8 +27,8 @@ from torch.utils.data import Dataset
 
 from ..codec import sample_frames, select_patches
 from ..codec.selection import check_whole_frames
-from ..processing import IMAGE_SIZE, VIDEO_SIZE, PatchClip, collate_patch_lists, grid_positions, image_processor, \
-    native_image, patchify
+from ..processing import (CLIP_MEAN, CLIP_STD, IMAGE_SIZE, VIDEO_SIZE, PatchClip, collate_patch_lists, grid_positions,
+                          image_processor, native_image, patchify, renormalize_patches)
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".ogv"}
@@ -126,7 +127,9 @@ class Preprocessing:
     budget: int | None = DEFAULT_BUDGET
     patch_size: int = 14
     video_size: int = VIDEO_SIZE
-    image_size: int | str = IMAGE_SIZE
+    image_size: int | str = IMAGE_SIZE  # "native": images at their own size (`resolution="native"`)
+    mean: tuple[float, ...] = CLIP_MEAN  # the encoder's normalisation (readers give CLIP-normalised pixels)
+    std: tuple[float, ...] = CLIP_STD
     whole_frames: tuple[int, ...] = (0,)  # codec mode: sampled frames kept whole (`select_patches`)
 
     @classmethod
@@ -179,6 +182,12 @@ class Preprocessing:
                 **({"whole_frames": list(self.whole_frames)} if mode == "codec" else {})}
 
     def load(self, path: str) -> PatchClip:
+        clip = self._load_clip(path)
+        if (tuple(self.mean), tuple(self.std)) != (CLIP_MEAN, CLIP_STD):
+            clip.pixel_values = renormalize_patches(clip.pixel_values, self.mean, self.std)
+        return clip
+
+    def _load_clip(self, path: str) -> PatchClip:
         mode = self.item_mode(path)
         if mode == "image":
             if _extension(path) in VIDEO_EXTENSIONS:

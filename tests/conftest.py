@@ -1,0 +1,39 @@
+"""Shared test fixtures: tiny random transformers vision models, made locally with transformers' own config
+classes (no network), each with a preprocessor config so that its inputs stay small."""
+
+import json
+
+import pytest
+
+TINY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _save(model, folder, size, mean, std):
+    model.save_pretrained(folder)
+    with open(folder / "preprocessor_config.json", "w") as f:
+        json.dump({"do_resize": True, "size": {"height": size, "width": size}, "image_mean": mean,
+                   "image_std": std}, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory):
+    """A SigLIP vision model: 32 px, 8 px patches (16 tokens a frame), SigLIP's 0.5/0.5 normalisation."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    model = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, **TINY_WIDTH))
+    return _save(model, tmp_path_factory.mktemp("siglip"), 32, [0.5] * 3, [0.5] * 3)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory):
+    """A DINOv2 model with 2 register tokens: 32 px, 8 px patches, ImageNet normalisation."""
+    import torch
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(image_size=32, patch_size=8, num_register_tokens=2,
+                                                               **TINY_WIDTH))
+    return _save(model, tmp_path_factory.mktemp("dinov2"), 32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
