@@ -42,3 +42,11 @@ def test_ove_encode_native_keeps_the_whole_page(tmp_path):
         expected = model(pixels[None]).pooler_output[0]
     torch.testing.assert_close(features.pooled[0], expected, atol=1e-4, rtol=1e-4)
     assert patchify(pixels, 14).shape == (28, 588)
+
+
+def test_native_resolution_is_refused_for_an_encoder_of_a_fixed_size(tiny_siglip):
+    """Only our model takes images of any size in whole patches; a SigLIP tower gets one clear error."""
+    with pytest.raises(ValueError, match="resolution 'native' is for the OneVision Encoder"):
+        Encoder(tiny_siglip, resolution="native", workers=0)
+    with pytest.raises(ValueError, match="resolution must be one of"):
+        Encoder(TINY, resolution="square", workers=0)
