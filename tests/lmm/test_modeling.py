@@ -159,6 +159,10 @@ def test_placeholder_count_mismatch_names_the_sample(model, small_processor, med
                                                     batch["patch_attention_mask"][:1]])})
     with pytest.raises(ValueError, match=r"sample\(s\) \[0, 1\] have visual placeholder tokens but no pixel_values"):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    other_ids = ids.masked_fill(ids == model.config.image_token_id, 7)  # a processor with other token ids
+    with pytest.raises(ValueError, match=r"3 visual item\(s\) given, but input_ids hold no placeholder token "
+                                         r"\(image_token_id 4, video_token_id 5\): does the processor use"):
+        model(**{**batch, "input_ids": other_ids})
 
 
 def test_text_config_that_is_not_a_causal_lm_is_refused():

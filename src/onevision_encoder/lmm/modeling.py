@@ -209,6 +209,10 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
             tokens_per_item = patch_attention_mask.ne(0).sum(dim=1).tolist()
         else:
             tokens_per_item = [pixel_values.shape[1]] * pixel_values.shape[0]
+        if not bool(placeholders.any()):
+            raise ValueError(f"{len(tokens_per_item)} visual item(s) given, but input_ids hold no placeholder token "
+                             f"(image_token_id {self.config.image_token_id}, video_token_id "
+                             f"{self.config.video_token_id}): does the processor use the model's ids?")
         check_placeholders(placeholders.sum(dim=1).tolist(), tokens_per_item)
         visual = self.get_visual_features(pixel_values, patch_positions, patch_attention_mask)
         embeds = embeds.masked_scatter(placeholders.unsqueeze(-1).to(embeds.device), visual.to(embeds.dtype))
