@@ -12,13 +12,12 @@ or `accelerate launch` and set `deepspeed: ds_config.json` (ZeRO-3 as published 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 
-import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
+from ..train.config import read_config_file
 from .data import ConversationCollator, ConversationDataset, ModalityLengthGroupedSampler, load_conversations
 
 WARMUP = 0.03
@@ -56,13 +55,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot be parsed: {e}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a training config must be a mapping, got {type(values).__name__}")
+        values = read_config_file(path)  # the pretraining config's reader: JSON or YAML, one mapping
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
