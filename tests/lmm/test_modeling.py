@@ -173,6 +173,12 @@ def test_text_config_that_is_not_a_causal_lm_is_refused():
     with pytest.raises(ValueError, match="needs a 'model_type'"):
         OneVisionLlavaConfig(text_config={"hidden_size": 8})
     assert OneVisionLlavaConfig(text_config=BertConfig(is_decoder=True)).text_config.model_type == "bert"
+    from onevision_encoder.lmm import OneVisionLlavaForConditionalGeneration
+
+    tiny_p14 = os.path.join(os.path.dirname(__file__), "..", "data", "tiny-p14")
+    with pytest.raises(ValueError, match=r"llm '.*tiny-p14' must be a causal language model, got model_type "
+                                         r"'onevision_encoder'"):
+        OneVisionLlavaForConditionalGeneration.from_encoder_and_llm(tiny_p14, tiny_p14)
 
 
 def test_a_model_from_a_pretrained_encoder_and_llm(tokenizer, make_text_config, tmp_path):

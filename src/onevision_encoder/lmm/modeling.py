@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..modeling import OneVisionEncoderModel
-from .configuration import OneVisionLlavaConfig
+from .configuration import OneVisionLlavaConfig, check_causal_lm
 
 VISUAL_INPUTS = ("pixel_values", "patch_positions", "patch_attention_mask")
 
@@ -116,6 +116,8 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         """A new model from a pretrained encoder and a pretrained causal LM (hub ids, folders or loaded
         models) with a freshly initialised projector: the start of training stage 1. load_kwargs (e.g.
         dtype) go to both `from_pretrained` calls. Each part's weights are loaded once, not allocated twice."""
+        if isinstance(llm, (str, os.PathLike)):  # checked before any weight is loaded
+            check_causal_lm(AutoConfig.from_pretrained(llm), f"llm {os.fspath(llm)!r} must be")
         if isinstance(encoder, (str, os.PathLike)):
             encoder = OneVisionEncoderModel.from_pretrained(encoder, **load_kwargs)
         if isinstance(llm, (str, os.PathLike)):

@@ -117,13 +117,22 @@ def _per_sample(items, counts: list[int], kind: str) -> list[list]:
         nested = [list(x) for x in items]
     else:
         if len(items) != sum(counts):
-            raise ValueError(f"the text has {sum(counts)} <{kind}> placeholder(s) but {len(items)} {kind}(s) were given")
+            raise ValueError(f"the text has {sum(counts)} <{kind}> placeholder(s) but {len(items)} {kind}(s) were "
+                             f"given{_first_unmatched(len(items), counts, kind)}")
         starts = np.cumsum([0] + counts)
         nested = [items[a:b] for a, b in zip(starts[:-1], starts[1:])]
     for sample, (given, needed) in enumerate(zip(nested, counts)):
         if len(given) != needed:
             raise ValueError(f"sample {sample} has {needed} <{kind}> placeholder(s) but {len(given)} {kind}(s)")
     return nested
+
+
+def _first_unmatched(given: int, counts: list[int], kind: str) -> str:
+    """Where a flat list of `given` items and the samples' placeholder counts part ways, for the error."""
+    if given > sum(counts):
+        return f": {kind}(s) {sum(counts)}.. have no placeholder"
+    sample = int(np.searchsorted(np.cumsum(counts), given, side="right"))
+    return f": the first <{kind}> without one is in sample {sample}"
 
 
 class OneVisionLlavaProcessor(ProcessorMixin):
