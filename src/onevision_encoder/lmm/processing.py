@@ -92,6 +92,13 @@ def image_patch_list(pixels: torch.Tensor, patch_size: int) -> PatchClip:
     return PatchClip(patchify(pixels, patch_size), grid_positions(torch.zeros(1, dtype=torch.long), rows, cols))
 
 
+def visual_batch(items: list[PatchClip]) -> dict[str, torch.Tensor]:
+    """Visual items (text order) -> the model's visual inputs: one padded patch-list batch under its names."""
+    batch = collate_patch_lists(items)
+    return {"pixel_values": batch["pixel_values"], "patch_positions": batch["patch_positions"],
+            "patch_attention_mask": batch["attention_mask"]}
+
+
 def _open_image(image, name: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
@@ -246,9 +253,7 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         kwargs.setdefault("return_token_type_ids", False)  # the model has none (transformers 4.x adds them)
         data = dict(self.tokenizer(expanded, return_tensors=return_tensors, **kwargs))
         if items:
-            batch = collate_patch_lists(items)
-            data.update(pixel_values=batch["pixel_values"], patch_positions=batch["patch_positions"],
-                        patch_attention_mask=batch["attention_mask"])
+            data.update(visual_batch(items))
         return BatchFeature(data=data, tensor_type=None)
 
     def placeholder_kinds(self, text: str) -> list[str]:
