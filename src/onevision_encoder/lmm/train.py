@@ -136,8 +136,11 @@ def train(config: TrainConfig) -> Trainer:
     """Run one stage; the trained model and its processor are saved to `config.output_dir`."""
     args = training_arguments(config)  # bad settings and data fail before any model is loaded
     conversations = load_conversations(config.data, config.image_folder, config.video_folder)
-    processor = AutoProcessor.from_pretrained(config.processor or config.model)
-    model = AutoModelForImageTextToText.from_pretrained(config.model)
+    try:
+        processor = AutoProcessor.from_pretrained(config.processor or config.model)
+        model = AutoModelForImageTextToText.from_pretrained(config.model)
+    except OSError as e:  # transformers' several lines (hub, cache, offline mode) for a folder that is not there
+        raise OSError(f"model {config.model!r} cannot be loaded: {str(e).splitlines()[0]}") from None
     set_trainable(model, config.stage)
     dataset = ConversationDataset(conversations, processor, config.max_length, config.cache_visual)
     trainer = OneVisionLlavaTrainer(
