@@ -108,3 +108,6 @@ def test_bad_input_is_one_clear_error_naming_the_item(processor, tmp_path):
         processor(text=["<image>", "<image> <image>"], images=[grey(20, 20), grey(20, 20)])
     with pytest.raises(ValueError, match=r"image 0 of sample 0 \(.*nope.png\) cannot be read as an image"):
         processor(text="<image>", images=[str(tmp_path / "nope.png")])
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "video"}]}]
+    with pytest.raises(ValueError, match=r"video 0 of sample 1: the content item has no 'video' \(nor 'path' or 'url'\)"):
+        processor.apply_chat_template([[{"role": "user", "content": "hi"}], conversation], tokenize=True)

@@ -281,13 +281,18 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         if not tokenize:
             return texts if batched else texts[0]
         media = {"image": [], "video": []}
-        for c in conversations:
+        for sample, c in enumerate(conversations):
             found = {"image": [], "video": []}
             for message in c:
                 content = message["content"]
                 for item in [] if isinstance(content, str) else content:
-                    if item["type"] in found:
-                        found[item["type"]].append(item.get(item["type"], item.get("path", item.get("url"))))
+                    kind = item["type"]
+                    if kind in found:
+                        value = item.get(kind, item.get("path", item.get("url")))
+                        if value is None:
+                            raise ValueError(f"{kind} {len(found[kind])} of sample {sample}: the content item has no "
+                                             f"{kind!r} (nor 'path' or 'url')")
+                        found[kind].append(value)
             for kind in media:
                 media[kind].append(found[kind])
         return self(text=texts, images=media["image"], videos=media["video"], **kwargs)
