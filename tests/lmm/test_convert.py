@@ -168,3 +168,12 @@ def test_without_a_tokenizer_the_ids_are_named_and_tokenizer_writes_the_processo
     processor = AutoProcessor.from_pretrained(tmp_path / "full")
     config = AutoModelForImageTextToText.from_pretrained(tmp_path / "full").config
     assert config.image_token_id == processor.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+
+
+def test_the_encoder_config_from_a_published_encoder_folder_keeps_no_remote_code(published, tmp_path):
+    dst = tmp_path / "ours"
+    assert main(["lmm", "convert", str(published[0]), str(dst), "--vision-config", TINY_P14]) == 0
+    vision = json.loads((dst / "config.json").read_text())["vision_config"]
+    tiny = json.loads(open(os.path.join(TINY_P14, "config.json")).read())
+    assert "auto_map" in tiny and "auto_map" not in vision and vision["image_size"] == tiny["image_size"]
+    assert AutoModelForImageTextToText.from_pretrained(dst).config.vision_config.num_hidden_layers == 2

@@ -95,7 +95,11 @@ def _encoder_config(shapes: dict[str, tuple], vision_config: str | None, config:
     off the weights' shapes (head_dim 64, as in every release)."""
     source = vision_config or config.get("mm_vision_tower")
     if vision_config or (source and os.path.isfile(os.path.join(source, "config.json"))):
-        return OneVisionEncoderConfig.from_pretrained(source)
+        encoder = OneVisionEncoderConfig.from_pretrained(source)
+        # a published encoder folder names its remote code; ours needs none and has no such files beside it
+        encoder.__dict__.pop("auto_map", None)
+        encoder.architectures = None
+        return encoder
     prefix = "vision_tower."
     patch = shapes.get(prefix + "embeddings.patch_embedding.weight")
     if patch is None:
