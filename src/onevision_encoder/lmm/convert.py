@@ -198,7 +198,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, vision_config: str |
     except ValueError as e:
         raise LayoutError(f"{os.path.join(src, 'config.json')}: {e}") from None
     _check_against(ours, shapes, published)
-    processor = _processor(src, config, tokenizer)
+    processor = _processor(src, config, tokenizer, text)
     if processor is not None:
         ours.image_token_id, ours.video_token_id = processor.image_token_id, processor.video_token_id
         if max(ours.image_token_id, ours.video_token_id) >= text.vocab_size:
@@ -237,7 +237,7 @@ def _write_weights(out: str, where: dict, shapes: dict, sizes: dict) -> None:
             json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2)
 
 
-def _processor(src: str, config: dict, tokenizer: str | None):
+def _processor(src: str, config: dict, tokenizer: str | None, text_config):
     """The processor over the given tokenizer or the source's (None when neither): anyres with the source's
     canvases, as the published SFT models were trained."""
     if tokenizer is None and not any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
@@ -246,7 +246,8 @@ def _processor(src: str, config: dict, tokenizer: str | None):
 
     from .processing import ANYRES_PINPOINTS, OneVisionLlavaProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer or src)
+    # the LLM's config, not SRC's llava_* one (transformers would warn that it does not know that type)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer or src, config=text_config)
     pinpoints = config.get("image_grid_pinpoints")
     return OneVisionLlavaProcessor(tokenizer, pinpoints=pinpoints if isinstance(pinpoints, list) else ANYRES_PINPOINTS)
 
