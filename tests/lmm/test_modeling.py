@@ -99,6 +99,21 @@ def test_generation_with_cache_equals_without_and_encodes_once(model, small_proc
     torch.testing.assert_close(cached, uncached)
 
 
+def test_a_generated_placeholder_id_is_text_at_a_decoding_step(model, small_processor, media):
+    """An LM may emit a placeholder id itself (beam search with the tiny random model did): after the prefill it
+    is an ordinary token, not an error; on a fresh pass without pixel_values it still is one."""
+    (a, _, _), _ = media
+    batch = small_processor(text=["<image> ?"], images=[[a]])
+    with torch.no_grad():
+        prefill = model(**batch, use_cache=True)
+        step = torch.tensor([[model.config.image_token_id]])
+        out = model(input_ids=step, past_key_values=prefill.past_key_values,
+                    attention_mask=torch.ones(1, batch["input_ids"].shape[1] + 1, dtype=torch.long))
+    assert out.logits.shape[:2] == (1, 1) and torch.isfinite(out.logits).all() and out.visual_hidden_states is None
+    with pytest.raises(ValueError, match="have visual placeholder tokens but no pixel_values"):
+        model(input_ids=step)
+
+
 def test_save_and_from_pretrained_round_trip(model, small_processor, conversations, tmp_path):
     batch = small_processor.apply_chat_template(conversations[4], tokenize=True)
     model.save_pretrained(tmp_path)

@@ -192,13 +192,16 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         pixel_values: torch.Tensor | None = None,
         patch_positions: torch.Tensor | None = None,
         patch_attention_mask: torch.Tensor | None = None,
+        decoding: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings with the visual tokens in place of the placeholders; also returns the visual tokens."""
+        """Text embeddings with the visual tokens in place of the placeholders; also returns the visual tokens.
+        decoding: a generation step after the prefill, whose new tokens may be placeholder ids the LM produced
+        itself (sampling, an untrained head): text then, not visual slots."""
         placeholders = self.placeholder_mask(input_ids)
         # Placeholder ids may lie beyond the vocabulary: embed them as token 0, they are overwritten anyway.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
         if pixel_values is None:
-            if bool(placeholders.any()):
+            if bool(placeholders.any()) and not decoding:
                 rows = placeholders.any(dim=1).nonzero().flatten().tolist()
                 raise ValueError(f"sample(s) {rows} have visual placeholder tokens but no pixel_values were given")
             return embeds, None
@@ -248,7 +251,10 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids (or inputs_embeds)")
-            inputs_embeds, visual = self.embed(input_ids, pixel_values, patch_positions, patch_attention_mask)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x / 4.x names
+            decoding = cache is not None and not isinstance(cache, tuple) and cache.get_seq_length() > 0
+            inputs_embeds, visual = self.embed(input_ids, pixel_values, patch_positions, patch_attention_mask,
+                                               decoding=decoding)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (their placeholders say where the visual tokens go), "
                              "not inputs_embeds")
