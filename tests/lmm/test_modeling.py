@@ -114,6 +114,30 @@ def test_a_generated_placeholder_id_is_text_at_a_decoding_step(model, small_proc
         model(input_ids=step)
 
 
+def test_beam_search_repeats_each_samples_items_with_it(model, small_processor):
+    """num_beams copies each sample; a sample's two images must follow each copy as a pair (transformers' own
+    expansion repeats item by item: [a, a, b, b], which silently gives copies the wrong images)."""
+    rng = torch.Generator().manual_seed(0)
+    a, b, c = (Image.fromarray(torch.randint(0, 255, size, generator=rng, dtype=torch.uint8).numpy())
+               for size in ((28, 28, 3), (28, 28, 3), (42, 28, 3)))
+    batch = small_processor(text=["<image> <image> what colour", "<image> what"], images=[[a, b], [c]])
+    seen = []
+    hook = model.vision_tower.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["pixel_values"]),
+                                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            together = model.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2)
+    finally:
+        hook.remove()
+    items = batch["pixel_values"]
+    assert torch.equal(seen[0], items[[0, 1, 0, 1, 2, 2]])
+    for row, (text, images) in enumerate([("<image> <image> what colour", [a, b]), ("<image> what", [c])]):
+        one = small_processor(text=[text], images=[images])
+        with torch.no_grad():
+            alone = model.generate(**one, max_new_tokens=3, do_sample=False, num_beams=2)
+        assert torch.equal(alone[0, one["input_ids"].shape[1]:], together[row, batch["input_ids"].shape[1]:])
+
+
 def test_save_and_from_pretrained_round_trip(model, small_processor, conversations, tmp_path):
     batch = small_processor.apply_chat_template(conversations[4], tokenize=True)
     model.save_pretrained(tmp_path)
