@@ -139,7 +139,8 @@ def train(config: TrainConfig) -> Trainer:
     try:
         processor = AutoProcessor.from_pretrained(config.processor or config.model)
         model = AutoModelForImageTextToText.from_pretrained(config.model)
-    except OSError as e:  # transformers' several lines (hub, cache, offline mode) for a folder that is not there
+    except (OSError, ValueError) as e:  # transformers' several lines (hub, cache, offline mode), or on 4.x the
+        # hub's repo-id check, for a folder that is not there
         raise OSError(f"model {config.model!r} cannot be loaded: {str(e).splitlines()[0]}") from None
     set_trainable(model, config.stage)
     dataset = ConversationDataset(conversations, processor, config.max_length, config.cache_visual)
