@@ -98,6 +98,9 @@ def write_folder(path, config, tensors=None, name="model.safetensors"):
     ("llm_shape", r"weight 'model.norm.weight' has shape \[32\], the config implies \[64\]"),
     ("llm_missing", r"the weights lack 1 tensor\(s\) of the model, e.g. 'language_model.model.norm.weight'"),
     ("no_config", r"has no config.json"),
+    ("not_json", r"config.json is not valid JSON"),
+    ("corrupt_shard", r"model.safetensors cannot be read as safetensors"),
+    ("ours", r"is in our layout already"),
 ])
 def test_sources_in_other_layouts_are_one_clear_error_and_write_nothing(published, tmp_path, capsys, case, message):
     src = published[0]
@@ -123,6 +126,15 @@ def test_sources_in_other_layouts_are_one_clear_error_and_write_nothing(publishe
         write_folder(bad, config, {**vision, **llm})
     elif case == "width":
         write_folder(bad, {**config, "mm_hidden_size": 1024}, vision)
+    elif case == "not_json":
+        bad.mkdir()
+        (bad / "config.json").write_text("{not json")
+    elif case == "corrupt_shard":
+        write_folder(bad, config)
+        (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    elif case == "ours":
+        assert main(["lmm", "convert", str(src), str(bad)]) == 0
+        capsys.readouterr()
     else:
         bad.mkdir()
     dst = tmp_path / "out"
@@ -139,3 +151,29 @@ def test_an_existing_destination_is_refused_untouched(published, tmp_path, capsy
     (dst / "keep.txt").write_text("mine")
     assert main(["lmm", "convert", str(published[0]), str(dst)]) == 2
     assert "exists already" in capsys.readouterr().err and os.listdir(dst) == ["keep.txt"]
+
+
+def test_without_a_tokenizer_the_ids_are_named_and_tokenizer_writes_the_processor(published, tokenizer, tmp_path,
+                                                                                   capsys):
+    src = tmp_path / "no-tokenizer"
+    src.mkdir()
+    for f in published[0].iterdir():
+        if "tokenizer" not in f.name and f.name != "special_tokens_map.json":
+            (src / f.name).write_bytes(f.read_bytes())
+    assert main(["lmm", "convert", str(src), str(tmp_path / "bare")]) == 0
+    assert "no processor (SRC has no tokenizer; give --tokenizer)" in capsys.readouterr().out
+    assert not (tmp_path / "bare" / "processor_config.json").exists()
+    assert main(["lmm", "convert", str(src), str(tmp_path / "full"), "--tokenizer", str(published[0])]) == 0
+    assert "no processor" not in capsys.readouterr().out
+    processor = AutoProcessor.from_pretrained(tmp_path / "full")
+    config = AutoModelForImageTextToText.from_pretrained(tmp_path / "full").config
+    assert config.image_token_id == processor.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+
+
+def test_the_encoder_config_from_a_published_encoder_folder_keeps_no_remote_code(published, tmp_path):
+    dst = tmp_path / "ours"
+    assert main(["lmm", "convert", str(published[0]), str(dst), "--vision-config", TINY_P14]) == 0
+    vision = json.loads((dst / "config.json").read_text())["vision_config"]
+    tiny = json.loads(open(os.path.join(TINY_P14, "config.json")).read())
+    assert "auto_map" in tiny and "auto_map" not in vision and vision["image_size"] == tiny["image_size"]
+    assert AutoModelForImageTextToText.from_pretrained(dst).config.vision_config.num_hidden_layers == 2

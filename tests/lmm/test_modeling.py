@@ -99,6 +99,45 @@ def test_generation_with_cache_equals_without_and_encodes_once(model, small_proc
     torch.testing.assert_close(cached, uncached)
 
 
+def test_a_generated_placeholder_id_is_text_at_a_decoding_step(model, small_processor, media):
+    """An LM may emit a placeholder id itself (beam search with the tiny random model did): after the prefill it
+    is an ordinary token, not an error; on a fresh pass without pixel_values it still is one."""
+    (a, _, _), _ = media
+    batch = small_processor(text=["<image> ?"], images=[[a]])
+    with torch.no_grad():
+        prefill = model(**batch, use_cache=True)
+        step = torch.tensor([[model.config.image_token_id]])
+        out = model(input_ids=step, past_key_values=prefill.past_key_values,
+                    attention_mask=torch.ones(1, batch["input_ids"].shape[1] + 1, dtype=torch.long))
+    assert out.logits.shape[:2] == (1, 1) and torch.isfinite(out.logits).all() and out.visual_hidden_states is None
+    with pytest.raises(ValueError, match="have visual placeholder tokens but no pixel_values"):
+        model(input_ids=step)
+
+
+def test_beam_search_repeats_each_samples_items_with_it(model, small_processor):
+    """num_beams copies each sample; a sample's two images must follow each copy as a pair (transformers' own
+    expansion repeats item by item: [a, a, b, b], which silently gives copies the wrong images)."""
+    rng = torch.Generator().manual_seed(0)
+    a, b, c = (Image.fromarray(torch.randint(0, 255, size, generator=rng, dtype=torch.uint8).numpy())
+               for size in ((28, 28, 3), (28, 28, 3), (42, 28, 3)))
+    batch = small_processor(text=["<image> <image> what colour", "<image> what"], images=[[a, b], [c]])
+    seen = []
+    hook = model.vision_tower.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["pixel_values"]),
+                                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            together = model.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2)
+    finally:
+        hook.remove()
+    items = batch["pixel_values"]
+    assert torch.equal(seen[0], items[[0, 1, 0, 1, 2, 2]])
+    for row, (text, images) in enumerate([("<image> <image> what colour", [a, b]), ("<image> what", [c])]):
+        one = small_processor(text=[text], images=[images])
+        with torch.no_grad():
+            alone = model.generate(**one, max_new_tokens=3, do_sample=False, num_beams=2)
+        assert torch.equal(alone[0, one["input_ids"].shape[1]:], together[row, batch["input_ids"].shape[1]:])
+
+
 def test_save_and_from_pretrained_round_trip(model, small_processor, conversations, tmp_path):
     batch = small_processor.apply_chat_template(conversations[4], tokenize=True)
     model.save_pretrained(tmp_path)
@@ -159,6 +198,10 @@ def test_placeholder_count_mismatch_names_the_sample(model, small_processor, med
                                                     batch["patch_attention_mask"][:1]])})
     with pytest.raises(ValueError, match=r"sample\(s\) \[0, 1\] have visual placeholder tokens but no pixel_values"):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    other_ids = ids.masked_fill(ids == model.config.image_token_id, 7)  # a processor with other token ids
+    with pytest.raises(ValueError, match=r"3 visual item\(s\) given, but input_ids hold no placeholder token "
+                                         r"\(image_token_id 4, video_token_id 5\): does the processor use"):
+        model(**{**batch, "input_ids": other_ids})
 
 
 def test_text_config_that_is_not_a_causal_lm_is_refused():
@@ -169,6 +212,12 @@ def test_text_config_that_is_not_a_causal_lm_is_refused():
     with pytest.raises(ValueError, match="needs a 'model_type'"):
         OneVisionLlavaConfig(text_config={"hidden_size": 8})
     assert OneVisionLlavaConfig(text_config=BertConfig(is_decoder=True)).text_config.model_type == "bert"
+    from onevision_encoder.lmm import OneVisionLlavaForConditionalGeneration
+
+    tiny_p14 = os.path.join(os.path.dirname(__file__), "..", "data", "tiny-p14")
+    with pytest.raises(ValueError, match=r"llm '.*tiny-p14' must be a causal language model, got model_type "
+                                         r"'onevision_encoder'"):
+        OneVisionLlavaForConditionalGeneration.from_encoder_and_llm(tiny_p14, tiny_p14)
 
 
 def test_a_model_from_a_pretrained_encoder_and_llm(tokenizer, make_text_config, tmp_path):

@@ -103,7 +103,11 @@ def test_bad_input_is_one_clear_error_naming_the_item(processor, tmp_path):
         processor(text=["hello", "<video> ?"], videos=[[], [str(broken)]])
     with pytest.raises(ValueError, match=r"sample 1 has 2 <image> placeholder\(s\) but 1 image\(s\)"):
         processor(text=["<image>", "<image> <image>"], images=[[grey(20, 20)], [grey(20, 20)]])
-    with pytest.raises(ValueError, match=r"the text has 3 <image> placeholder\(s\) but 2 image\(s\) were given"):
+    with pytest.raises(ValueError, match=r"the text has 3 <image> placeholder\(s\) but 2 image\(s\) were given: "
+                                         r"the first <image> without one is in sample 1"):
         processor(text=["<image>", "<image> <image>"], images=[grey(20, 20), grey(20, 20)])
     with pytest.raises(ValueError, match=r"image 0 of sample 0 \(.*nope.png\) cannot be read as an image"):
         processor(text="<image>", images=[str(tmp_path / "nope.png")])
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "video"}]}]
+    with pytest.raises(ValueError, match=r"video 0 of sample 1: the content item has no 'video' \(nor 'path' or 'url'\)"):
+        processor.apply_chat_template([[{"role": "user", "content": "hi"}], conversation], tokenize=True)

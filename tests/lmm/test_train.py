@@ -106,6 +106,12 @@ def test_config_file_errors_name_the_key(tmp_path):
         TrainConfig.from_file(path)
 
 
+def test_a_model_folder_that_is_not_there_is_one_line_naming_it(data, tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(OSError, match=rf"model '{missing}' cannot be loaded: [^\n]*$"):
+        train(config(missing, data, tmp_path / "out", stage=1, max_steps=1))
+
+
 def test_stage_1_trains_the_projector_only(checkpoint, data, tmp_path):
     from transformers import AutoModelForImageTextToText
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -19,7 +20,7 @@ def _add_convert_parser(sub) -> None:
         help="a checkpoint of the published LLaVA-NeXT fork (llava_qwen3) -> our layout",
         description="Rename the published checkpoint's weights (model.vision_tower.vision_tower.*, "
         "model.mm_projector.0/.2, the LLM's keys) and config (mm_* keys) into a OneVisionLlavaConfig folder "
-        "that AutoModelForImageTextToText loads; the processor is written too when SRC has a tokenizer. "
+        "that AutoModelForImageTextToText loads; the processor is written too, over --tokenizer or SRC's tokenizer. "
         "Exit status 2 for a source that is not in that layout or a DST that exists.",
     )
     p.add_argument("src", metavar="SRC", help="folder of the published checkpoint (config.json, *.safetensors)")
@@ -27,6 +28,8 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--vision-config", metavar="DIR_OR_ID",
                    help="the encoder's config (default: mm_vision_tower if it is a local folder, else read off "
                         "the weights' shapes)")
+    p.add_argument("--tokenizer", metavar="DIR_OR_ID",
+                   help="the LLM's tokenizer for the processor (default: SRC's, if it has one)")
     p.set_defaults(func=_run_convert)
 
 
@@ -34,7 +37,7 @@ def _run_convert(args) -> int:
     from .convert import convert
 
     try:
-        config = convert(args.src, args.dst, vision_config=args.vision_config)
+        config = convert(args.src, args.dst, vision_config=args.vision_config, tokenizer=args.tokenizer)
     except (ValueError, OSError) as e:
         print(f"ove lmm convert: error: {e}", file=sys.stderr)
         return 2
@@ -42,6 +45,10 @@ def _run_convert(args) -> int:
     print(f"{args.dst}: {text.model_type} LLM ({text.num_hidden_layers} layers, width {text.hidden_size}) with a "
           f"{vision.num_hidden_layers}-layer encoder (width {vision.hidden_size}), features from layer "
           f"{config.vision_feature_layer}")
+    if not os.path.isfile(os.path.join(args.dst, "processor_config.json")):
+        print(f"{args.dst}: no processor (SRC has no tokenizer; give --tokenizer): build one over the LLM's tokenizer "
+              f"with OneVisionLlavaProcessor; the model takes <image> as id {config.image_token_id} and <video> as "
+              f"id {config.video_token_id}")
     return 0
 
 

@@ -28,6 +28,13 @@ def _sub_config(value, default_class, name: str) -> PretrainedConfig:
     raise ValueError(f"{name} must be a config or a dict, got {type(value).__name__}")
 
 
+def check_causal_lm(config: PretrainedConfig, what: str = "text_config must be the config of") -> None:
+    """One clear error when `config` is not the config of a transformers causal LM."""
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{what} a causal language model, got model_type {config.model_type!r} "
+                         f"({type(config).__name__}), which has no causal LM class")
+
+
 class OneVisionLlavaConfig(PretrainedConfig):
     r"""Configuration of a [`OneVisionLlavaForConditionalGeneration`].
 
@@ -58,11 +65,7 @@ class OneVisionLlavaConfig(PretrainedConfig):
 
         self.vision_config = _sub_config(vision_config, OneVisionEncoderConfig, "vision_config")
         self.text_config = _sub_config(text_config, Qwen3Config, "text_config")
-        if self.text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise ValueError(
-                f"text_config must be the config of a causal language model, got model_type "
-                f"{self.text_config.model_type!r} ({type(self.text_config).__name__}), which has no causal LM class"
-            )
+        check_causal_lm(self.text_config)
         depth = self.vision_config.num_hidden_layers
         if not -(depth + 1) <= vision_feature_layer <= depth:
             raise ValueError(f"vision_feature_layer {vision_feature_layer} is outside the encoder's {depth + 1} "

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
@@ -41,8 +41,13 @@ def _read_config(src: str) -> dict:
         raise LayoutError(f"{src} is not a folder")
     if not os.path.isfile(path):
         raise LayoutError(f"{src} has no config.json, so it is not a checkpoint in the published LLaVA layout")
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LayoutError(f"{path} is not valid JSON ({e})") from None
+    if config.get("model_type") == OneVisionLlavaConfig.model_type:
+        raise LayoutError(f"{src} is in our layout already: AutoModelForImageTextToText loads it as it is")
     missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
     if missing:
         raise LayoutError(f"{path} is not a published LLaVA config: it lacks {missing} (model_type "
@@ -90,7 +95,11 @@ def _encoder_config(shapes: dict[str, tuple], vision_config: str | None, config:
     off the weights' shapes (head_dim 64, as in every release)."""
     source = vision_config or config.get("mm_vision_tower")
     if vision_config or (source and os.path.isfile(os.path.join(source, "config.json"))):
-        return OneVisionEncoderConfig.from_pretrained(source)
+        encoder = OneVisionEncoderConfig.from_pretrained(source)
+        # a published encoder folder names its remote code; ours needs none and has no such files beside it
+        encoder.__dict__.pop("auto_map", None)
+        encoder.architectures = None
+        return encoder
     prefix = "vision_tower."
     patch = shapes.get(prefix + "embeddings.patch_embedding.weight")
     if patch is None:
@@ -152,16 +161,22 @@ def _shards(shapes: dict[str, tuple], sizes: dict[str, int]) -> list[list[str]]:
     return shards + [current]
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, vision_config: str | None = None) -> OneVisionLlavaConfig:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, vision_config: str | None = None,
+            tokenizer: str | None = None) -> OneVisionLlavaConfig:
     """Convert the published checkpoint in `src` into our layout in `dst` (which must not exist yet; written
-    to a temporary folder beside it first, so a failure leaves nothing half-written). Returns the config."""
+    to a temporary folder beside it first, so a failure leaves nothing half-written). The processor is written
+    too, over `tokenizer` (a folder or hub id) or else the tokenizer in `src` if it has one. Returns the config."""
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst):
         raise ValueError(f"{dst} exists already: give a new folder")
     config = _read_config(src)
     where, shapes, sizes, published = {}, {}, {}, {}
     for path in _weight_files(src):
-        with safe_open(path, framework="pt") as f:
+        try:
+            f = safe_open(path, framework="pt")
+        except SafetensorError as e:
+            raise LayoutError(f"{path} cannot be read as safetensors ({e})") from None
+        with f:
             for key in f.keys():
                 ours = rename_key(key)
                 piece = f.get_slice(key)
@@ -177,10 +192,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, vision_config: str |
     if config["mm_hidden_size"] != encoder.hidden_size:
         raise LayoutError(f"mm_hidden_size {config['mm_hidden_size']} differs from the vision tower's width "
                           f"{encoder.hidden_size}")
-    ours = OneVisionLlavaConfig(vision_config=encoder, text_config=text,
-                                vision_feature_layer=config["mm_vision_select_layer"])
+    try:
+        ours = OneVisionLlavaConfig(vision_config=encoder, text_config=text,
+                                    vision_feature_layer=config["mm_vision_select_layer"])
+    except ValueError as e:
+        raise LayoutError(f"{os.path.join(src, 'config.json')}: {e}") from None
     _check_against(ours, shapes, published)
-    processor = _processor(src, config)
+    processor = _processor(src, config, tokenizer, text)
     if processor is not None:
         ours.image_token_id, ours.video_token_id = processor.image_token_id, processor.video_token_id
         if max(ours.image_token_id, ours.video_token_id) >= text.vocab_size:
@@ -219,16 +237,17 @@ def _write_weights(out: str, where: dict, shapes: dict, sizes: dict) -> None:
             json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2)
 
 
-def _processor(src: str, config: dict):
-    """The processor over the source's tokenizer (None when the source has none): anyres with the source's
+def _processor(src: str, config: dict, tokenizer: str | None, text_config):
+    """The processor over the given tokenizer or the source's (None when neither): anyres with the source's
     canvases, as the published SFT models were trained."""
-    if not any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+    if tokenizer is None and not any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
 
     from .processing import ANYRES_PINPOINTS, OneVisionLlavaProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    # the LLM's config, not SRC's llava_* one (transformers would warn that it does not know that type)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer or src, config=text_config)
     pinpoints = config.get("image_grid_pinpoints")
     return OneVisionLlavaProcessor(tokenizer, pinpoints=pinpoints if isinstance(pinpoints, list) else ANYRES_PINPOINTS)
 

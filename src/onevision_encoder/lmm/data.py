@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..processing import PatchClip, collate_patch_lists
+from ..processing import PatchClip
+from .processing import visual_batch
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -250,9 +251,7 @@ class ConversationCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         items = [item for sample in samples for item in sample["visual_items"]]
         if items:
-            visual = collate_patch_lists(items)
-            batch.update(pixel_values=visual["pixel_values"], patch_positions=visual["patch_positions"],
-                         patch_attention_mask=visual["attention_mask"])
+            batch.update(visual_batch(items))
         return batch
 
 

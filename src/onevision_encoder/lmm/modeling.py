@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..modeling import OneVisionEncoderModel
-from .configuration import OneVisionLlavaConfig
+from .configuration import OneVisionLlavaConfig, check_causal_lm
 
 VISUAL_INPUTS = ("pixel_values", "patch_positions", "patch_attention_mask")
 
@@ -50,12 +50,20 @@ class OneVisionLlavaProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
-def check_placeholders(placeholders_per_sample: list[int], tokens_per_item: list[int]) -> None:
-    """The visual items, in order, must fill each sample's placeholder tokens exactly.
+def tokens_per_item(pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor | None) -> list[int]:
+    """The real (unpadded) patch count of each item of a patch-list batch."""
+    if patch_attention_mask is None:
+        return [pixel_values.shape[1]] * pixel_values.shape[0]
+    return patch_attention_mask.ne(0).sum(dim=1).tolist()
+
+
+def check_placeholders(placeholders_per_sample: list[int], tokens_per_item: list[int]) -> list[range]:
+    """The visual items, in order, must fill each sample's placeholder tokens exactly; returns each sample's
+    items (as a range of item indices).
 
     Raises one ValueError naming the first sample whose placeholders and items disagree.
     """
-    item = 0
+    item, items_of_samples = 0, []
     for sample, needed in enumerate(placeholders_per_sample):
         first, given = item, 0
         while given < needed and item < len(tokens_per_item):
@@ -68,10 +76,12 @@ def check_placeholders(placeholders_per_sample: list[int], tokens_per_item: list
                 f"({items}) make {given} visual tokens: as many images/videos as placeholders are needed, each "
                 "placeholder expanded to its item's token count (the processor does this)"
             )
+        items_of_samples.append(range(first, item))
     if item != len(tokens_per_item):
         raise ValueError(f"{len(tokens_per_item) - item} visual item(s) (from item {item} on) have no placeholder "
                          f"tokens left in the text ({len(tokens_per_item)} items for "
                          f"{sum(placeholders_per_sample)} placeholder tokens)")
+    return items_of_samples
 
 
 class OneVisionLlavaPreTrainedModel(PreTrainedModel):
@@ -116,6 +126,8 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         """A new model from a pretrained encoder and a pretrained causal LM (hub ids, folders or loaded
         models) with a freshly initialised projector: the start of training stage 1. load_kwargs (e.g.
         dtype) go to both `from_pretrained` calls. Each part's weights are loaded once, not allocated twice."""
+        if isinstance(llm, (str, os.PathLike)):  # checked before any weight is loaded
+            check_causal_lm(AutoConfig.from_pretrained(llm), f"llm {os.fspath(llm)!r} must be")
         if isinstance(encoder, (str, os.PathLike)):
             encoder = OneVisionEncoderModel.from_pretrained(encoder, **load_kwargs)
         if isinstance(llm, (str, os.PathLike)):
@@ -190,13 +202,16 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         pixel_values: torch.Tensor | None = None,
         patch_positions: torch.Tensor | None = None,
         patch_attention_mask: torch.Tensor | None = None,
+        decoding: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings with the visual tokens in place of the placeholders; also returns the visual tokens."""
+        """Text embeddings with the visual tokens in place of the placeholders; also returns the visual tokens.
+        decoding: a generation step after the prefill, whose new tokens may be placeholder ids the LM produced
+        itself (sampling, an untrained head): text then, not visual slots."""
         placeholders = self.placeholder_mask(input_ids)
         # Placeholder ids may lie beyond the vocabulary: embed them as token 0, they are overwritten anyway.
         embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
         if pixel_values is None:
-            if bool(placeholders.any()):
+            if bool(placeholders.any()) and not decoding:
                 rows = placeholders.any(dim=1).nonzero().flatten().tolist()
                 raise ValueError(f"sample(s) {rows} have visual placeholder tokens but no pixel_values were given")
             return embeds, None
@@ -205,11 +220,12 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         if pixel_values.ndim != 3:
             raise ValueError(f"pixel_values must be a patch-list batch [M, N, C*p*p] (collate_patch_lists), got "
                              f"shape {tuple(pixel_values.shape)}")
-        if patch_attention_mask is not None:
-            tokens_per_item = patch_attention_mask.ne(0).sum(dim=1).tolist()
-        else:
-            tokens_per_item = [pixel_values.shape[1]] * pixel_values.shape[0]
-        check_placeholders(placeholders.sum(dim=1).tolist(), tokens_per_item)
+        tokens = tokens_per_item(pixel_values, patch_attention_mask)
+        if not bool(placeholders.any()):
+            raise ValueError(f"{len(tokens)} visual item(s) given, but input_ids hold no placeholder token "
+                             f"(image_token_id {self.config.image_token_id}, video_token_id "
+                             f"{self.config.video_token_id}): does the processor use the model's ids?")
+        check_placeholders(placeholders.sum(dim=1).tolist(), tokens)
         visual = self.get_visual_features(pixel_values, patch_positions, patch_attention_mask)
         embeds = embeds.masked_scatter(placeholders.unsqueeze(-1).to(embeds.device), visual.to(embeds.dtype))
         return embeds, visual
@@ -242,7 +258,10 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids (or inputs_embeds)")
-            inputs_embeds, visual = self.embed(input_ids, pixel_values, patch_positions, patch_attention_mask)
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x / 4.x names
+            decoding = cache is not None and not isinstance(cache, tuple) and cache.get_seq_length() > 0
+            inputs_embeds, visual = self.embed(input_ids, pixel_values, patch_positions, patch_attention_mask,
+                                               decoding=decoding)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (their placeholders say where the visual tokens go), "
                              "not inputs_embeds")
@@ -257,6 +276,19 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
             **{**kwargs, "return_dict": True},
         )
         return OneVisionLlavaOutput(**out, visual_hidden_states=visual)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beams and num_return_sequences repeat each sample; its visual items must be repeated with it as a
+        # group (the default repeats item by item, which pairs a sample's copies with the wrong items).
+        visual = {name: model_kwargs.pop(name) for name in VISUAL_INPUTS if model_kwargs.get(name) is not None}
+        if visual and expand_size > 1 and input_ids is not None:
+            tokens = tokens_per_item(visual["pixel_values"], visual.get("patch_attention_mask"))
+            groups = check_placeholders(self.placeholder_mask(input_ids).sum(dim=1).tolist(), tokens)
+            order = torch.tensor([i for items in groups for _ in range(expand_size) for i in items], dtype=torch.long)
+            visual = {name: value.index_select(0, order.to(value.device)) for name, value in visual.items()}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        return input_ids, {**model_kwargs, **visual}
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         # The visual tokens enter at the prefill only: later steps read them from the KV cache.

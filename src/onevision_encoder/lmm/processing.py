@@ -92,6 +92,13 @@ def image_patch_list(pixels: torch.Tensor, patch_size: int) -> PatchClip:
     return PatchClip(patchify(pixels, patch_size), grid_positions(torch.zeros(1, dtype=torch.long), rows, cols))
 
 
+def visual_batch(items: list[PatchClip]) -> dict[str, torch.Tensor]:
+    """Visual items (text order) -> the model's visual inputs: one padded patch-list batch under its names."""
+    batch = collate_patch_lists(items)
+    return {"pixel_values": batch["pixel_values"], "patch_positions": batch["patch_positions"],
+            "patch_attention_mask": batch["attention_mask"]}
+
+
 def _open_image(image, name: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
@@ -117,13 +124,22 @@ def _per_sample(items, counts: list[int], kind: str) -> list[list]:
         nested = [list(x) for x in items]
     else:
         if len(items) != sum(counts):
-            raise ValueError(f"the text has {sum(counts)} <{kind}> placeholder(s) but {len(items)} {kind}(s) were given")
+            raise ValueError(f"the text has {sum(counts)} <{kind}> placeholder(s) but {len(items)} {kind}(s) were "
+                             f"given{_first_unmatched(len(items), counts, kind)}")
         starts = np.cumsum([0] + counts)
         nested = [items[a:b] for a, b in zip(starts[:-1], starts[1:])]
     for sample, (given, needed) in enumerate(zip(nested, counts)):
         if len(given) != needed:
             raise ValueError(f"sample {sample} has {needed} <{kind}> placeholder(s) but {len(given)} {kind}(s)")
     return nested
+
+
+def _first_unmatched(given: int, counts: list[int], kind: str) -> str:
+    """Where a flat list of `given` items and the samples' placeholder counts part ways, for the error."""
+    if given > sum(counts):
+        return f": {kind}(s) {sum(counts)}.. have no placeholder"
+    sample = int(np.searchsorted(np.cumsum(counts), given, side="right"))
+    return f": the first <{kind}> without one is in sample {sample}"
 
 
 class OneVisionLlavaProcessor(ProcessorMixin):
@@ -237,9 +253,7 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         kwargs.setdefault("return_token_type_ids", False)  # the model has none (transformers 4.x adds them)
         data = dict(self.tokenizer(expanded, return_tensors=return_tensors, **kwargs))
         if items:
-            batch = collate_patch_lists(items)
-            data.update(pixel_values=batch["pixel_values"], patch_positions=batch["patch_positions"],
-                        patch_attention_mask=batch["attention_mask"])
+            data.update(visual_batch(items))
         return BatchFeature(data=data, tensor_type=None)
 
     def placeholder_kinds(self, text: str) -> list[str]:
@@ -267,13 +281,18 @@ class OneVisionLlavaProcessor(ProcessorMixin):
         if not tokenize:
             return texts if batched else texts[0]
         media = {"image": [], "video": []}
-        for c in conversations:
+        for sample, c in enumerate(conversations):
             found = {"image": [], "video": []}
             for message in c:
                 content = message["content"]
                 for item in [] if isinstance(content, str) else content:
-                    if item["type"] in found:
-                        found[item["type"]].append(item.get(item["type"], item.get("path", item.get("url"))))
+                    kind = item["type"]
+                    if kind in found:
+                        value = item.get(kind, item.get("path", item.get("url")))
+                        if value is None:
+                            raise ValueError(f"{kind} {len(found[kind])} of sample {sample}: the content item has no "
+                                             f"{kind!r} (nor 'path' or 'url')")
+                        found[kind].append(value)
             for kind in media:
                 media[kind].append(found[kind])
         return self(text=texts, images=media["image"], videos=media["video"], **kwargs)

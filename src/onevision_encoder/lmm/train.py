@@ -12,13 +12,12 @@ or `accelerate launch` and set `deepspeed: ds_config.json` (ZeRO-3 as published 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 
-import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 
+from ..train.config import read_config_file
 from .data import ConversationCollator, ConversationDataset, ModalityLengthGroupedSampler, load_conversations
 
 WARMUP = 0.03
@@ -56,13 +55,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot be parsed: {e}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a training config must be a mapping, got {type(values).__name__}")
+        values = read_config_file(path)  # the pretraining config's reader: JSON or YAML, one mapping
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -143,8 +136,12 @@ def train(config: TrainConfig) -> Trainer:
     """Run one stage; the trained model and its processor are saved to `config.output_dir`."""
     args = training_arguments(config)  # bad settings and data fail before any model is loaded
     conversations = load_conversations(config.data, config.image_folder, config.video_folder)
-    processor = AutoProcessor.from_pretrained(config.processor or config.model)
-    model = AutoModelForImageTextToText.from_pretrained(config.model)
+    try:
+        processor = AutoProcessor.from_pretrained(config.processor or config.model)
+        model = AutoModelForImageTextToText.from_pretrained(config.model)
+    except (OSError, ValueError) as e:  # transformers' several lines (hub, cache, offline mode), or on 4.x the
+        # hub's repo-id check, for a folder that is not there
+        raise OSError(f"model {config.model!r} cannot be loaded: {str(e).splitlines()[0]}") from None
     set_trainable(model, config.stage)
     dataset = ConversationDataset(conversations, processor, config.max_length, config.cache_visual)
     trainer = OneVisionLlavaTrainer(
