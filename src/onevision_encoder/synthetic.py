@@ -233,26 +233,27 @@ def render_brief_event(label: int, num_frames: int = 160, width: int = 128, heig
 
 
 def render_motion_direction(label: int, num_frames: int = 64, width: int = 128, height: int = 96, seed: int = 0,
-                            speed: float = 2.0, trail: int = 6) -> list[np.ndarray]:
-    """A clip whose class is the direction a textured square moves in (`DIRECTIONS[label]`: left, right, up,
-    down), `speed` pixels a frame from a random start, wrapping around the textured background. It leaves
-    a trail fading over `trail` frames, as motion blur does, so that a single frame shows the direction
-    too (an encoder whose tokens carry no time can still see it)."""
+                            speed: float = 2.0, trail: int = 12) -> list[np.ndarray]:
+    """A clip whose class is the direction a light square moves in (`DIRECTIONS[label]`: left, right, up,
+    down) over a plain grey background, `speed` pixels a frame from a random start, wrapping around. It
+    leaves a trail fading over `trail` frames, as motion blur does, so that a single patch shows the
+    direction too (an encoder whose tokens carry neither place nor time can still see it). Both are plain:
+    over a texture, the trail's ramp of brightness is lost in the texture's own (measured: a probe on
+    patch tokens stays at chance)."""
     if not 0 <= label < len(DIRECTIONS):
         raise ValueError(f"label must be in 0..{len(DIRECTIONS) - 1}, got {label}")
     rng = np.random.default_rng(seed)
-    background, texture = _texture(height, width, rng), _texture(height, width, rng, cell=6)
     side = min(height, width) // 3
     start = rng.uniform(0, [height, width])
     yy, xx = np.mgrid[0:height, 0:width]
     frames = []
     for i in range(num_frames):
-        frame = background.astype(np.float32)
+        frame = np.full((height, width, 3), 110.0, dtype=np.float32)
         for age in range(trail, -1, -1):  # oldest first: newer positions cover older ones
             y0, x0 = (start + speed * (i - age) * np.array(DIRECTIONS[label])) % (height, width)
             inside = ((yy - y0) % height < side) & ((xx - x0) % width < side)
             weight = 1 - age / (trail + 1)
-            frame[inside] = weight * texture[inside] + (1 - weight) * frame[inside]
+            frame[inside] = weight * 245 + (1 - weight) * frame[inside]
         frames.append(frame.round().astype(np.uint8))
     return frames
 
