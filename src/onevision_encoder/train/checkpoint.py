@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..encode.features import atomic_write
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -90,12 +91,7 @@ def open_run(out: str, config: TrainConfig, is_main: bool) -> str:
 
 
 def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1).encode())
 
 
 def _save_tensors(path: str, tensors: dict, metadata: dict | None = None) -> None:

@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+from ..encode.features import atomic_write
+
 LOG = "log.jsonl"
 
 
@@ -30,10 +32,7 @@ class RunLog:
             return
         with open(self.path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(kept).encode())
 
     def step_done(self) -> None:
         self._steps += 1
