@@ -13,6 +13,7 @@ from ..processing import RESIZE_MODES, FrameGeometry
 from .block_matching import _block_motion_since
 from .cells import CELL, WORK_PER_PATCH, _CellsToPatches, _WorkMap
 from .motion import _BlockCanvas, _MotionSince
+from .patch_pictures import KeptPatchPainter
 from .reference import reference_maps
 from .scores import POLICIES
 from .video import VideoDecodeError, VideoFile, motion_vectors, quarter_turns, sample_indices
@@ -24,7 +25,8 @@ class VideoScan:
     """What one decoding pass learnt about the sampled frames (maps on the square working grid).
 
     pictures: `[T, 3, size, size]` uint8 (resized like `resize_frames`; `frames` gives them as floats in
-    0..1); geometry: where the picture lies on them; valid: `[rows, cols]` patches that show picture;
+    0..1), or None when the scan holds the decoded frames instead (`painter`; `kept_pictures` paints the
+    patches asked for); geometry: where the picture lies on them; valid: `[rows, cols]` patches that show picture;
     own_motion / residual: the sampled frame's own motion term and residual stand-in, each scaled per
     frame by its P95 (0..1 a pixel) and summed over each patch, `[T, rows, cols]` (`reference.reference_maps`;
     policy "reference"); motion_since / change_since: motion
@@ -45,11 +47,30 @@ class VideoScan:
     motion_since: np.ndarray | None = None
     change_since: np.ndarray | None = None
     work_valid: np.ndarray | None = field(default=None, repr=False)
+    painter: KeptPatchPainter | None = field(default=None, repr=False)
+    shown: np.ndarray | None = field(default=None, repr=False)  # per slot, the slot whose frame it shows
 
     @property
     def frames(self) -> torch.Tensor:
         """The sampled frames as floats `[T, 3, size, size]` in 0..1 (letterbox padding in the CLIP mean)."""
-        return self.geometry.to_float(self.pictures)
+        if self.pictures is not None:
+            return self.geometry.to_float(self.pictures)
+        t, (rows, cols), p = len(self.frame_ids), self.valid.shape, self.patch_size
+        patches = self.kept_pictures(torch.ones(t, rows, cols, dtype=torch.bool))
+        squares = patches.view(t, rows, cols, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(t, 3, rows * p, cols * p)
+        return self.geometry.to_float(squares)
+
+    def kept_pictures(self, kept: torch.Tensor) -> torch.Tensor:
+        """uint8 `[K, 3, p, p]`: the pictures of the kept patches (`kept [T, rows, cols]`, bool), in
+        `kept.nonzero()` order, gathered from `pictures` or painted from the held frames."""
+        if self.pictures is None:
+            return self.painter.paint(kept, self.shown)
+        t, rows, cols = kept.shape
+        p = self.patch_size
+        frame, row, col = (i.numpy() for i in kept.nonzero(as_tuple=True))
+        # NumPy's gather measured several times faster than torch's here
+        by_patch = self.pictures.numpy().reshape(t, 3, rows, p, cols, p).transpose(0, 2, 4, 1, 3, 5)
+        return torch.from_numpy(by_patch[frame, row, col])
 
 
 def _check_geometry(size: int, patch_size: int, resize: str) -> None:
@@ -68,6 +89,7 @@ def scan_video(
     motion: bool = True,
     progress: bool = False,
     policy: str | None = None,
+    pictures: bool = True,
 ) -> VideoScan:
     """Decode `path` once, keep the `num_frames` sampled frames resized, and measure motion and change.
 
@@ -75,7 +97,11 @@ def scan_video(
     N comes from the container (`VideoFile.info`); if decoding yields fewer frames than announced, the
     slots past the end repeat the last sampled frame (with no motion). motion=False only samples frames
     (`sample_frames`). policy: measure only what that policy scores (None: both, e.g. to compare them on
-    one scan). Worker threads (resizing, luma, motion sums, block matching) are used when torch may use
+    one scan). pictures=False: make no pictures while decoding; the scan holds the sampled frames as decoded
+    (about 1.5 bytes a pixel each, for 8-bit 4:2:0) and paints only the patches asked for afterwards
+    (`VideoScan.kept_pictures`), which costs a selection a fraction of making every picture. Formats
+    without planar 8-bit YUV, and frames too large to hold 64 of (`HELD_FRAMES_BYTES`), get pictures anyway.
+    Worker threads (resizing, luma, motion sums, block matching) are used when torch may use
     more than one thread here: not inside a DataLoader worker process, which torch limits to one.
     """
     if policy is not None and policy not in POLICIES:
@@ -83,7 +109,7 @@ def scan_video(
     _check_geometry(size, patch_size, resize)
     threads = torch.get_num_threads()
     with VideoFile(path) as video:
-        return _scan(video, num_frames, size, patch_size, resize, motion, progress, policy, threads)
+        return _scan(video, num_frames, size, patch_size, resize, motion, progress, policy, threads, pictures)
 
 
 def _worker_count(threads: int, bitstream: bool) -> int:
@@ -99,7 +125,8 @@ def _worker_count(threads: int, bitstream: bool) -> int:
 
 
 @_torch_single_threaded()
-def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy, threads) -> VideoScan:
+def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy, threads,
+          pictures=True) -> VideoScan:
     path = video.path
     info = video.info(timestamps=True)
     total = info.frame_count
@@ -120,7 +147,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
     rows = size // patch_size
     maps.update({k: np.zeros((num_frames, rows, rows), np.float32) for k in ("own", "res")})  # patch sums
     bar = _progress(total, path) if progress else None
-    wmap = squares = None
+    wmap = squares = painter = None
     motion_source = ("bitstream" if bitstream else "block-matching") if motion else "none"
     accumulated = previous_plane = sampled_luma = None
     decoded = 0
@@ -138,7 +165,8 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
                 cell = wmap.cell
                 canvas = _BlockCanvas(frame.height, frame.width, cell)
-                squares = _SquareFrames(wmap, num_frames, workers)
+                painter = None if pictures else _painter(frame, wmap, patch_size, num_frames, workers > 0)
+                squares = _SquareFrames(wmap, num_frames, workers, hold=painter and painter.hold)
                 accumulated = _MotionSince(canvas, wmap, maps["since"], pool=squares.pool)
                 # "reference" works on 4x4-pixel cells, as published, summed over each patch's area
                 fine = _CellsToPatches.for_map(wmap, CELL, patch_size)
@@ -171,7 +199,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
         shown = squares.finish() if squares is not None else None
         if shown is None:
             raise VideoDecodeError(path, "none of the sampled frames could be decoded")
-        pictures, geometry = squares.pictures, wmap.plan.geometry
+        geometry = wmap.plan.geometry
         accumulated.finish()
         for job in jobs:
             job.result()
@@ -185,7 +213,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
     return VideoScan(
         path=path,
         frame_ids=frame_ids,
-        pictures=pictures,
+        pictures=squares.pictures,
         geometry=geometry,
         valid=geometry.valid_patches(patch_size),
         patch_size=patch_size,
@@ -196,7 +224,22 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
         motion_since=maps["since"] if since_maps else None,
         change_since=maps["change"] if since_maps else None,
         work_valid=wmap.valid,
+        painter=painter,
+        shown=shown,
     )
+
+
+# Held decoded frames of a scan that paints its kept patches afterwards: 64 frames of 1080p 4:2:0 (200 MB)
+# are held; 4K ones get their pictures while decoding instead.
+HELD_FRAMES_BYTES = 256 << 20
+
+
+def _painter(frame, wmap, patch_size: int, num_frames: int, parallel: bool) -> KeptPatchPainter | None:
+    """A painter for the kept patches of this video, or None where pictures must be made while decoding."""
+    held = KeptPatchPainter.held_bytes(frame, num_frames)
+    if held is None or held > HELD_FRAMES_BYTES:
+        return None
+    return KeptPatchPainter(wmap.plan, patch_size, frame, wmap.turns, num_frames, parallel)
 
 
 def _progress(total: int, path: str):

@@ -187,10 +187,8 @@ def _pack(scan: VideoScan, kept: torch.Tensor, **extra) -> CodecClip:
     frame, row, col = kept.nonzero(as_tuple=True)  # raster order of (t, row, col) = the required order
     p = scan.patch_size
     index = (frame * rows + row) * cols + col
-    # one gather of the kept patches from the uint8 squares ([K, 3, p, p], the layout `patchify` gives; NumPy's
-    # gather measured several times faster than torch's here), then floats for those only
-    by_patch = scan.pictures.numpy().reshape(t, 3, rows, p, cols, p).transpose(0, 2, 4, 1, 3, 5)
-    kept_pictures = torch.from_numpy(by_patch[frame.numpy(), row.numpy(), col.numpy()])
+    # the kept patches' uint8 pictures ([K, 3, p, p], the layout `patchify` gives), then floats for those only
+    kept_pictures = scan.kept_pictures(kept)
     geometry, inside = scan.geometry, None
     if not geometry.fills_square:  # letterbox: the pixels of each kept patch that show picture, [K, p, p]
         inside = geometry.picture_mask().view(rows, p, cols, p).transpose(1, 2)[row, col]
@@ -244,7 +242,9 @@ def select_patches(
     rows = size // patch_size
     count = _budget_count(budget, num_frames * rows * rows)
     _check_budget_holds(count, whole, rows * rows)
-    scan = scan_video(path, num_frames, size, patch_size, resize, motion=True, progress=progress, policy=policy)
+    # without keep_frames, only the kept patches get pictures (`scan_video`: pictures=False)
+    scan = scan_video(path, num_frames, size, patch_size, resize, motion=True, progress=progress, policy=policy,
+                      pictures=keep_frames)
     scores = patch_scores(scan, policy)
     kept = choose_patches(scores, scan.valid, count, whole, policy == "balanced", patch_size)
     return _pack(scan, kept, scores=scores, policy=policy, frames=scan.frames if keep_frames else None)

@@ -58,13 +58,16 @@ class _SquareFrames:
     in the decoding thread, cost it 0.3 ms a frame at 640x360. At most `ahead` decoded frames wait, so
     memory stays bounded by the sampled frames at the working resolution."""
 
-    def __init__(self, wmap: _WorkMap, num_frames: int, workers: int, ahead: int = 8):
+    def __init__(self, wmap: _WorkMap, num_frames: int, workers: int, ahead: int = 8, hold=None):
         self.wmap, self.ahead = wmap, ahead
         # uint8 until needed as floats: a quarter of the memory, and fresh float pages cost a page fault
         # each (about 20 ms for 64 frames of 224 px on the 2-core benchmark machine). A normal tensor even
         # under the caller's inference_mode, which worker threads do not inherit (they could not write it).
-        with torch.inference_mode(False):
-            self.pictures = torch.empty(num_frames, 3, wmap.plan.size, wmap.plan.size, dtype=torch.uint8)
+        # hold: instead of a picture, `hold(frame, slots)` keeps the frame (to paint its kept patches later).
+        self.pictures, self.hold = None, hold
+        if hold is None:
+            with torch.inference_mode(False):
+                self.pictures = torch.empty(num_frames, 3, wmap.plan.size, wmap.plan.size, dtype=torch.uint8)
         self.pool = _worker_pool(workers)
         # One FFmpeg scaler per kind and thread, reused for every frame: they are not thread-safe, and a
         # fresh scaler context per frame (what `frame.to_ndarray` makes) cost 4-10x the conversion itself.
@@ -80,7 +83,7 @@ class _SquareFrames:
         cell)`) in the same job, the Future's result (each hand-off costs the decoding thread tens of
         microseconds). change: (the Future of an earlier frame's luma cells, a `[work, work]` array): also
         write the luma change since that frame there, on the working grid."""
-        job = self.submit(self._square, frame, slots[0], cell, change)
+        job = self.submit(self._square, frame, slots, cell, change)
         self._wait_behind(slots, job)
         return job
 
@@ -103,8 +106,9 @@ class _SquareFrames:
         slots = np.arange(len(self.filled))
         source = np.maximum.accumulate(np.where(self.filled, slots, -1))
         source[source < 0] = np.flatnonzero(self.filled)[0]
-        for slot in np.flatnonzero(source != slots):
-            self.pictures[slot] = self.pictures[source[slot]]
+        if self.pictures is not None:
+            for slot in np.flatnonzero(source != slots):
+                self.pictures[slot] = self.pictures[source[slot]]
         return source
 
     def close(self) -> None:
@@ -112,8 +116,11 @@ class _SquareFrames:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
 
-    def _square(self, frame, slot: int, cell: int | None, change: tuple | None) -> np.ndarray | None:
-        self.wmap.plan.place(self.wmap.picture(frame, self._scaler("rgb")), self.pictures[slot])
+    def _square(self, frame, slots: list[int], cell: int | None, change: tuple | None) -> np.ndarray | None:
+        if self.hold is not None:
+            self.hold(frame, slots)
+        else:
+            self.wmap.plan.place(self.wmap.picture(frame, self._scaler("rgb")), self.pictures[slots[0]])
         return None if cell is None else self._luma(frame, cell, change)
 
     def _luma(self, frame, cell: int, change: tuple | None) -> np.ndarray:
@@ -139,7 +146,7 @@ class _SquareFrames:
         job.result()
         if not slots:
             return
-        for slot in slots[1:]:  # a frame sampled for several slots
+        for slot in slots[1:] if self.pictures is not None else ():  # a frame sampled for several slots
             self.pictures[slot] = self.pictures[slots[0]]
         self.filled[slots] = True
 

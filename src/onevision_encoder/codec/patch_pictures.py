@@ -1,0 +1,246 @@
+"""The pictures of the kept patches only, made from the decoded frames once the choice is made
+(`KeptPatchPainter`).
+
+Making the whole model picture of every sampled frame (RGB at full resolution, then resampling) cost a
+selection more than anything but decoding, yet on real clips about a tenth of the patches are kept. So the
+sampled frames are held as decoded (8-bit planar YUV, no copy) and each kept patch is resampled from the
+planes around it, then converted to RGB.
+
+The filter is PIL's antialiased bicubic (what `SquarePlan.resample` follows) as float weights per output
+row and column of the square. Chroma is taken the way FFmpeg's RGB conversion takes it, each chroma sample
+standing for the luma pixels it covers: its weights are the luma weights summed over those pixels. So
+resampling the planes and converting afterwards is, up to rounding and clipping, the same linear map as
+converting at full resolution and resampling then. `tests/codec/test_patch_pictures.py` measures the
+difference to `resize_frames` of FFmpeg's RGB frames (about one level on average: FFmpeg's fast converter
+itself lands about one level below the exact BT.601/709 conversion used here).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import as_strided
+
+from ..processing import SquarePlan
+from .workers import _submit, _worker_pool
+
+# The 8-bit planar YUV formats painted from their planes: (horizontal, vertical) chroma subsampling
+PLANAR_YUV = {
+    "yuv420p": (2, 2), "yuvj420p": (2, 2), "yuv422p": (2, 1), "yuvj422p": (2, 1), "yuv444p": (1, 1),
+    "yuvj444p": (1, 1),
+}
+# (Kr, Kb) by FFmpeg colorspace number; any other (unspecified included) is BT.601, as in FFmpeg's scaler
+LUMA_WEIGHTS = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 7: (0.212, 0.087), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+BT601 = (0.299, 0.114)
+
+
+def bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """PIL's bicubic kernel."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def axis_weights(length: int, resized: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """PIL's antialiased bicubic along an axis of `length` pixels resized to `resized`, for the resized pixels
+    `first .. first+count-1` (clamped onto the axis: letterbox padding may take any). Returns each output
+    pixel's first input pixel `[count]` and its weights `[count, taps]` (each row sums to 1)."""
+    scale = length / resized
+    support, inverse = 2.0 * max(scale, 1.0), 1.0 / max(scale, 1.0)
+    centres = (np.clip(np.arange(first, first + count), 0, resized - 1) + 0.5) * scale
+    low = np.maximum((centres - support + 0.5).astype(np.int64), 0)
+    high = np.minimum((centres + support + 0.5).astype(np.int64), length)
+    offsets = np.arange(int((high - low).max()))
+    weights = bicubic((low[:, None] + offsets - centres[:, None] + 0.5) * inverse)
+    weights = np.where(offsets < (high - low)[:, None], weights, 0.0)
+    return low, weights / weights.sum(1, keepdims=True)
+
+
+@dataclass
+class PatchWindows:
+    """Along one axis of a plane: where each patch's window starts (`first [patches]`, in plane samples)
+    and the weights of its output pixels over the window (`weights [patches, patch, taps]`)."""
+
+    first: np.ndarray
+    weights: torch.Tensor
+
+    @classmethod
+    def of(cls, starts: np.ndarray, weights: np.ndarray, patch: int, length: int, factor: int) -> "PatchWindows":
+        """Per-pixel `axis_weights` grouped `patch` pixels at a time, on a plane subsampled by `factor` (a
+        sample covers `factor` pixels and gets the sum of their weights). Windows lie inside the plane."""
+        samples = -(-length // factor)
+        patches = len(starts) // patch
+        starts = starts.reshape(patches, patch)
+        pixels = starts[:, :, None] + np.arange(weights.shape[1])  # [patches, patch, pixel taps]
+        sample = np.minimum(pixels // factor, samples - 1)
+        first = sample.min((1, 2))
+        taps = int((sample.max((1, 2)) - first).max()) + 1
+        first = np.minimum(first, samples - taps)
+        grouped = np.zeros((patches, patch, taps))
+        patch_index = np.broadcast_to(np.arange(patches)[:, None, None], sample.shape)
+        pixel_index = np.broadcast_to(np.arange(patch)[None, :, None], sample.shape)
+        np.add.at(grouped, (patch_index, pixel_index, sample - first[:, None, None]), weights.reshape(sample.shape))
+        return cls(first, torch.from_numpy(grouped.astype(np.float32)))
+
+
+def yuv_to_rgb(colorspace: int, full_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(matrix `[3, 3]`, offset `[3]`): `rgb = matrix @ yuv + offset` for 8-bit YUV of an FFmpeg colorspace
+    number, limited (16-235/240) or full range."""
+    kr, kb = LUMA_WEIGHTS.get(colorspace, BT601)
+    kg = 1.0 - kr - kb
+    luma, chroma = (1.0, 1.0) if full_range else (255 / 219, 255 / 224)
+    matrix = np.array([
+        [luma, 0.0, 2 * (1 - kr) * chroma],
+        [luma, -2 * kb * (1 - kb) / kg * chroma, -2 * kr * (1 - kr) / kg * chroma],
+        [luma, 2 * (1 - kb) * chroma, 0.0],
+    ])
+    black = np.array([0.0 if full_range else 16.0, 128.0, 128.0])
+    return torch.tensor(matrix, dtype=torch.float32), torch.tensor(-matrix @ black, dtype=torch.float32)
+
+
+@dataclass
+class _PlaneGeometry:
+    shape: tuple[int, int]  # (height, width), upright
+    rows: PatchWindows
+    cols: PatchWindows
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+class _Buffers:
+    """Reused uint8 buffers for held frames. The decoded frames themselves are not held: each one held keeps
+    the decoder from reusing its buffer, and the fresh pages of 64 new ones cost about a quarter of a
+    decode-everything pass in page faults (64 frames of 720p: 20,000 faults, 50 ms, measured). Copied into a
+    buffer that the next scan in the process takes again, their pages are faulted in once. At most `spare`
+    buffers wait, the largest ones."""
+
+    spare = 2
+    free: list[np.ndarray] = []
+    lock = threading.Lock()
+
+    @classmethod
+    def take(cls, size: int) -> np.ndarray:
+        with cls.lock:
+            fitting = [i for i, b in enumerate(cls.free) if b.size >= size]
+            if fitting:
+                return cls.free.pop(min(fitting, key=lambda i: cls.free[i].size))
+        return np.empty(size, np.uint8)
+
+    @classmethod
+    def give(cls, buffer: np.ndarray) -> None:
+        with cls.lock:
+            cls.free = sorted(cls.free + [buffer], key=lambda b: b.size)[-cls.spare :]
+
+
+class KeptPatchPainter:
+    """Paints kept patches from the sampled frames of one video: `hold(frame, slots)` for each sampled frame
+    as it is decoded (its planes are copied upright), then `paint(kept)`. The same geometry as
+    `SquarePlan.resample` followed by `place`."""
+
+    def __init__(self, plan: SquarePlan, patch_size: int, frame, turns: int, num_frames: int, parallel: bool = False):
+        self.patch, self.turns, self.parallel = patch_size, turns, parallel
+        sub_x, sub_y = PLANAR_YUV[frame.format.name]
+        if turns % 2:
+            sub_x, sub_y = sub_y, sub_x  # upright
+        sign = 1 if plan.mode == "crop" else -1  # crop: square = resized - top; letterbox: + top
+        rows = axis_weights(plan.height, plan.resized_height, sign * plan.top, plan.size)
+        cols = axis_weights(plan.width, plan.resized_width, sign * plan.left, plan.size)
+        self.planes = [_PlaneGeometry((-(-plan.height // fy), -(-plan.width // fx)),
+                                      PatchWindows.of(*rows, patch_size, plan.height, fy),
+                                      PatchWindows.of(*cols, patch_size, plan.width, fx))
+                       for fy, fx in ((1, 1), (sub_y, sub_x), (sub_y, sub_x))]
+        full = frame.format.name.startswith("yuvj") or int(frame.color_range) == 2
+        self.matrix, self.offset = yuv_to_rgb(int(frame.colorspace), full)
+        self.frame_size = sum(plane.size for plane in self.planes)
+        self.buffer = _Buffers.take(num_frames * self.frame_size)
+        weakref.finalize(self, _Buffers.give, self.buffer)
+
+    @staticmethod
+    def held_bytes(frame, num_frames: int) -> int | None:
+        """The bytes `num_frames` such frames take held, or None if their pixel format cannot be painted
+        from its planes (8-bit planar YUV only)."""
+        if frame.format.name not in PLANAR_YUV:
+            return None
+        sub_x, sub_y = PLANAR_YUV[frame.format.name]
+        chroma = -(-frame.height // sub_y) * -(-frame.width // sub_x)
+        return num_frames * (frame.height * frame.width + 2 * chroma)
+
+    def hold(self, frame, slots: list[int]) -> None:
+        """Copy a sampled frame's planes (upright) for its slots (a frame sampled twice is held for each)."""
+        for index, geometry in enumerate(self.planes):
+            shape = geometry.shape[::-1] if self.turns % 2 else geometry.shape  # as decoded
+            plane = frame.planes[index]
+            decoded = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: shape[0], : shape[1]]
+            upright = np.rot90(decoded, self.turns) if self.turns else decoded
+            for slot in slots:
+                np.copyto(self._plane_data(slot, index), upright)
+
+    def _plane_data(self, slot: int, index: int) -> np.ndarray:
+        start = slot * self.frame_size + sum(g.size for g in self.planes[:index])
+        return self.buffer[start : start + self.planes[index].size].reshape(self.planes[index].shape)
+
+    def paint(self, kept: torch.Tensor, source: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 `[K, 3, p, p]` of the kept patches (`kept [T, rows, cols]` bool), in `kept.nonzero()` order.
+        source: per slot, the slot whose frame it shows (slots whose frame never came repeat another)."""
+        slot, row, col = (i.numpy() for i in kept.nonzero(as_tuple=True))
+        if source is not None:
+            slot = source[slot]
+        # With a core to spare, a worker thread paints the first half of the patches meanwhile (the products
+        # and NumPy's gathers release the GIL).
+        pool = _worker_pool(1) if self.parallel and len(slot) > 1 else None
+        half = len(slot) // 2 if pool is not None else 0
+        try:
+            first = _submit(pool, self._paint, slot[:half], row[:half], col[:half])
+            second = self._paint(slot[half:], row[half:], col[half:])
+            return torch.cat([first.result(), second])
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    def _paint(self, slot: np.ndarray, row: np.ndarray, col: np.ndarray) -> torch.Tensor:
+        p = self.patch
+        # U and V share their geometry: one batch of windows for both
+        yuv = torch.cat([self._resample((0,), slot, row, col), self._resample((1, 2), slot, row, col)])  # [3, K, p, p]
+        rgb = torch.addmm(self.offset.view(3, 1), self.matrix, yuv.view(3, -1))
+        return rgb.round_().clamp_(0, 255).to(torch.uint8).view(3, -1, p, p).transpose(0, 1).contiguous()
+
+    def _resample(self, planes: tuple[int, ...], slot: np.ndarray, row: np.ndarray, col: np.ndarray) -> torch.Tensor:
+        """Planes of one geometry at the kept patches, floats `[planes, K, p, p]`: each patch's window gathered,
+        resampled along the columns (one product for all the windows of a patch column, which share their
+        weights), then along the rows."""
+        geometry, p, count = self.planes[planes[0]], self.patch, len(planes) * len(slot)
+        rows, cols = geometry.rows, geometry.cols
+        taps_y, taps_x = rows.weights.shape[2], cols.weights.shape[2]
+        row, col = np.tile(row, len(planes)), np.tile(col, len(planes))
+        by_col = np.argsort(col, kind="stable")  # the windows of a patch column side by side
+        place = np.empty(count, np.int64)  # where each window goes in that order
+        place[by_col] = np.arange(count)
+        windows = np.empty((count, taps_y, taps_x), np.uint8)
+        ys, xs = rows.first[row], cols.first[col]
+        bounds = np.flatnonzero(np.diff(slot, prepend=-1, append=-1))  # the patches come frame by frame
+        for n, plane in enumerate(planes):
+            for lo, hi in zip(bounds[:-1] + n * len(slot), bounds[1:] + n * len(slot)):
+                data = self._plane_data(int(slot[lo - n * len(slot)]), plane)
+                every = as_strided(data, (data.shape[0] - taps_y + 1, data.shape[1] - taps_x + 1, taps_y, taps_x),
+                                   (data.strides[0], 1, data.strides[0], 1))
+                windows[place[lo:hi]] = every[ys[lo:hi], xs[lo:hi]]
+        windows = torch.from_numpy(windows).float()
+        across = torch.empty(count, taps_y, p)
+        for c, lo, hi in _runs(col[by_col]):
+            torch.mm(windows[lo:hi].view(-1, taps_x), cols.weights[c].T, out=across[lo:hi].view(-1, p))
+        down = torch.bmm(rows.weights[torch.from_numpy(row[by_col])], across)  # [planes * K, p, p]
+        return down[torch.from_numpy(place)].view(len(planes), -1, p, p)
+
+
+def _runs(values: np.ndarray):
+    """(value, start, end) of each run of equal values in a sorted array."""
+    edges = np.flatnonzero(np.diff(values, prepend=values[:1] - 1, append=values[-1:] + 1))
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        yield int(values[lo]), int(lo), int(hi)

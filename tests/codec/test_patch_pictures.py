@@ -1,0 +1,97 @@
+"""Kept patches painted from the decoded planes after the choice, against whole pictures made while decoding."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from onevision_encoder import select_patches
+from onevision_encoder.codec import scan as scan_module
+from onevision_encoder.codec import scan_video
+from onevision_encoder.codec.patch_pictures import PatchWindows, axis_weights
+from onevision_encoder.synthetic import write_video
+
+SHARED_CLIP = os.path.join(os.environ.get("OVE_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "..",
+                                                                      "shared")), "reference-selection", "clip.mp4")
+
+
+def _dense(starts, weights, length):
+    matrix = np.zeros((len(starts), length))
+    for i, (s, w) in enumerate(zip(starts, weights)):
+        n = min(len(w), length - s)
+        matrix[i, s : s + n] = w[:n]
+    return matrix
+
+
+@pytest.mark.parametrize("shape", [(90, 160, 224, 398), (144, 176, 224, 274), (37, 53, 20, 31)])
+def test_axis_weights_are_pils_bicubic(shape):
+    """The weights resample a float image exactly as PIL's antialiased bicubic does (down and up)."""
+    h, w, out_h, out_w = shape
+    image = np.random.default_rng(0).random((h, w)).astype(np.float32)
+    want = np.asarray(Image.fromarray(image, mode="F").resize((out_w, out_h), Image.BICUBIC))
+    rows = _dense(*axis_weights(h, out_h, 0, out_h), h)
+    cols = _dense(*axis_weights(w, out_w, 0, out_w), w)
+    assert np.abs(rows @ image @ cols.T - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_patch_windows_fold_subsampled_samples(factor):
+    """Grouped per patch on a plane subsampled by `factor`, the weights give what the per-pixel weights give
+    on the plane upsampled by repetition (how a full-resolution RGB conversion takes chroma)."""
+    length, resized, patch = 101, 56, 14
+    plane = np.random.default_rng(1).random(-(-length // factor))
+    upsampled = np.repeat(plane, factor)[:length]
+    starts, weights = axis_weights(length, resized, 0, resized)
+    want = _dense(starts, weights, length) @ upsampled
+    windows = PatchWindows.of(starts, weights, patch, length, factor)
+    got = np.concatenate([windows.weights[i].double().numpy() @ plane[f : f + windows.weights.shape[2]]
+                          for i, f in enumerate(windows.first)])
+    assert np.abs(got - want).max() < 1e-5
+
+
+def _compare(path, **options):
+    """Painted kept patches (the default) vs the same patches cut from whole pictures (keep_frames=True)."""
+    painted = select_patches(path, **options)
+    whole = select_patches(path, keep_frames=True, **options)
+    assert torch.equal(painted.patch_positions, whole.patch_positions)
+    diff = (painted.pixel_values - whole.pixel_values).abs() * 0.27 * 255  # about levels (CLIP std ~0.27)
+    mse = ((painted.pixel_values - whole.pixel_values) * 0.27).pow(2).mean()
+    return diff, 10 * torch.log10(1 / mse)
+
+
+@pytest.mark.parametrize("options", [
+    dict(pix_fmt="yuv420p"), dict(pix_fmt="yuvj420p"), dict(pix_fmt="yuv444p", width=101, height=77),
+    dict(pix_fmt="yuv422p"), dict(rotation=90),
+])
+def test_painted_patches_match_whole_pictures(tmp_path, options):
+    opts = dict(dict(width=192, height=144), **options)
+    meta = write_video(tmp_path / "v.mp4", num_frames=40, **opts)
+    for resize in ("crop", "letterbox"):
+        diff, psnr = _compare(meta["path"], budget=1024, resize=resize)
+        assert psnr > 40 and diff.mean() < 2, (options, resize, psnr, diff.mean())
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_CLIP), reason="needs ../shared/reference-selection/clip.mp4")
+def test_painted_patches_on_real_footage():
+    """The shared real clip (BT.709, portrait), both geometries of the published paths."""
+    diff, psnr = _compare(SHARED_CLIP, budget=2048)
+    assert psnr > 40 and diff.mean() < 2
+    diff, psnr = _compare(SHARED_CLIP, budget=10368, size=576, patch_size=16, resize="letterbox")
+    assert psnr > 40 and diff.mean() < 2
+
+
+def test_frames_too_large_to_hold_or_not_planar_get_pictures_while_decoding(tmp_path, monkeypatch):
+    meta = write_video(tmp_path / "v.mp4", num_frames=30, width=96, height=64)
+    assert scan_video(meta["path"], pictures=False).pictures is None
+    painted = scan_video(meta["path"], pictures=False).frames
+    whole = scan_video(meta["path"]).frames
+    assert (painted - whole).abs().mean() < 2 / 255
+    deep = write_video(tmp_path / "deep.mp4", num_frames=30, width=96, height=64, pix_fmt="yuv420p10le")
+    assert scan_video(deep["path"], pictures=False).pictures is not None
+    monkeypatch.setattr(scan_module, "HELD_FRAMES_BYTES", 1000)
+    held = scan_video(meta["path"], pictures=False)
+    assert held.pictures is not None and held.painter is None
+    assert torch.equal(select_patches(meta["path"]).pixel_values,
+                       select_patches(meta["path"], keep_frames=True).pixel_values)
