@@ -4,6 +4,7 @@ published computation done by hand from its parts; sources in other layouts are 
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -101,6 +102,7 @@ def write_folder(path, config, tensors=None, name="model.safetensors"):
     ("not_json", r"config.json is not valid JSON"),
     ("corrupt_shard", r"model.safetensors cannot be read as safetensors"),
     ("ours", r"is in our layout already"),
+    ("pinpoints", r"image_grid_pinpoints 'anyres_max_9' is neither a list of \(width, height\) pairs"),
 ])
 def test_sources_in_other_layouts_are_one_clear_error_and_write_nothing(published, tmp_path, capsys, case, message):
     src = published[0]
@@ -132,6 +134,9 @@ def test_sources_in_other_layouts_are_one_clear_error_and_write_nothing(publishe
     elif case == "corrupt_shard":
         write_folder(bad, config)
         (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    elif case == "pinpoints":  # the whole checkpoint, one config value bad
+        shutil.copytree(src, bad)
+        (bad / "config.json").write_text(json.dumps({**config, "image_grid_pinpoints": "anyres_max_9"}))
     elif case == "ours":
         assert main(["lmm", "convert", str(src), str(bad)]) == 0
         capsys.readouterr()
@@ -177,3 +182,14 @@ def test_the_encoder_config_from_a_published_encoder_folder_keeps_no_remote_code
     tiny = json.loads(open(os.path.join(TINY_P14, "config.json")).read())
     assert "auto_map" in tiny and "auto_map" not in vision and vision["image_size"] == tiny["image_size"]
     assert AutoModelForImageTextToText.from_pretrained(dst).config.vision_config.num_hidden_layers == 2
+
+
+def test_string_pinpoints_are_read_as_llava_next_reads_them():
+    from onevision_encoder.lmm.convert import grid_pinpoints
+
+    assert grid_pinpoints("[(574, 1120), (1120, 574)]", 448) == [[574, 1120], [1120, 574]]
+    assert grid_pinpoints("(1x1),...,(2x3)", 448) == [[w * 448, h * 448] for w in (1, 2) for h in (1, 2, 3)]
+    assert grid_pinpoints(None, 448) is None
+    for bad in ("", "[(574,)]", "[[0, 14]]", 3, "(1x1),(2x2)"):
+        with pytest.raises(ValueError, match="image_grid_pinpoints"):
+            grid_pinpoints(bad, 448)

@@ -26,7 +26,7 @@ import torch
 from numpy.lib.stride_tricks import as_strided
 
 from ..processing import SquarePlan
-from .workers import _submit, _worker_pool
+from .workers import _worker_pool
 
 # The 8-bit planar YUV formats painted from their planes: (horizontal, vertical) chroma subsampling
 PLANAR_YUV = {
@@ -194,15 +194,16 @@ class KeptPatchPainter:
             slot = source[slot]
         # With a core to spare, a worker thread paints the first half of the patches meanwhile (the products
         # and NumPy's gathers release the GIL).
-        pool = _worker_pool(1) if self.parallel and len(slot) > 1 else None
-        half = len(slot) // 2 if pool is not None else 0
+        if not self.parallel or len(slot) < 2:
+            return self._paint(slot, row, col)
+        half = len(slot) // 2
+        pool = _worker_pool(1)
         try:
-            first = _submit(pool, self._paint, slot[:half], row[:half], col[:half])
+            first = pool.submit(self._paint, slot[:half], row[:half], col[:half])
             second = self._paint(slot[half:], row[half:], col[half:])
             return torch.cat([first.result(), second])
         finally:
-            if pool is not None:
-                pool.shutdown()
+            pool.shutdown()
 
     def _paint(self, slot: np.ndarray, row: np.ndarray, col: np.ndarray) -> torch.Tensor:
         p = self.patch

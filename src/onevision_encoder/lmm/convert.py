@@ -10,9 +10,11 @@ streamed shard by shard (safetensors only, never pickles), so a 4B model convert
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -198,7 +200,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, vision_config: str |
     except ValueError as e:
         raise LayoutError(f"{os.path.join(src, 'config.json')}: {e}") from None
     _check_against(ours, shapes, published)
-    processor = _processor(src, config, tokenizer, text)
+    grid_pinpoints(config.get("image_grid_pinpoints"), encoder.image_size)  # a bad value fails, processor or not
+    processor = _processor(src, config, tokenizer, text, encoder.image_size)
     if processor is not None:
         ours.image_token_id, ours.video_token_id = processor.image_token_id, processor.video_token_id
         if max(ours.image_token_id, ours.video_token_id) >= text.vocab_size:
@@ -237,7 +240,33 @@ def _write_weights(out: str, where: dict, shapes: dict, sizes: dict) -> None:
             json.dump({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, f, indent=2)
 
 
-def _processor(src: str, config: dict, tokenizer: str | None, text_config):
+def grid_pinpoints(value, base: int) -> list[list[int]] | None:
+    """The anyres canvases of a LLaVA config's `image_grid_pinpoints`: a list of (width, height) pairs, the same
+    written as a string, or LLaVA-NeXT's range form "(1x1),...,(3x3)" (every grid from the first to the last,
+    times `base` pixels, the vision tower's image size, as LLaVA-NeXT reads it). None when the key is absent.
+    Raises LayoutError for anything else, naming the value."""
+    if value is None:
+        return None
+    pairs = value
+    if isinstance(value, str):
+        grids = re.findall(r"\((\d+)x(\d+)\)", value)
+        if len(grids) >= 2 and "..." in value:
+            (w0, h0), (w1, h1) = (tuple(map(int, g)) for g in (grids[0], grids[-1]))
+            pairs = [[w * base, h * base] for w in range(w0, w1 + 1) for h in range(h0, h1 + 1)]
+        else:
+            try:
+                pairs = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pairs = None
+    ok = isinstance(pairs, (list, tuple)) and len(pairs) > 0 and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(n, int) and n > 0 for n in p) for p in pairs)
+    if not ok:
+        raise LayoutError(f"image_grid_pinpoints {value!r} is neither a list of (width, height) pairs nor "
+                          "LLaVA-NeXT's \"(1x1),...,(NxM)\" form")
+    return [list(p) for p in pairs]
+
+
+def _processor(src: str, config: dict, tokenizer: str | None, text_config, base: int):
     """The processor over the given tokenizer or the source's (None when neither): anyres with the source's
     canvases, as the published SFT models were trained."""
     if tokenizer is None and not any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
@@ -248,8 +277,11 @@ def _processor(src: str, config: dict, tokenizer: str | None, text_config):
 
     # the LLM's config, not SRC's llava_* one (transformers would warn that it does not know that type)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer or src, config=text_config)
-    pinpoints = config.get("image_grid_pinpoints")
-    return OneVisionLlavaProcessor(tokenizer, pinpoints=pinpoints if isinstance(pinpoints, list) else ANYRES_PINPOINTS)
+    pinpoints = grid_pinpoints(config.get("image_grid_pinpoints"), base)
+    try:
+        return OneVisionLlavaProcessor(tokenizer, pinpoints=ANYRES_PINPOINTS if pinpoints is None else pinpoints)
+    except ValueError as e:
+        raise LayoutError(f"{os.path.join(src, 'config.json')}: {e}") from None
 
 
 def _itemsize(dtype: str) -> int:
