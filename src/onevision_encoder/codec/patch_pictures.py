@@ -159,6 +159,7 @@ class KeptPatchPainter:
         full = frame.format.name.startswith("yuvj") or int(frame.color_range) == 2
         self.matrix, self.offset = yuv_to_rgb(int(frame.colorspace), full)
         self.frame_size = sum(plane.size for plane in self.planes)
+        self.num_frames = num_frames
         self.buffer = _Buffers.take(num_frames * self.frame_size)
         weakref.finalize(self, _Buffers.give, self.buffer)
 
@@ -183,8 +184,19 @@ class KeptPatchPainter:
                 np.copyto(self._plane_data(slot, index), upright)
 
     def _plane_data(self, slot: int, index: int) -> np.ndarray:
-        start = slot * self.frame_size + sum(g.size for g in self.planes[:index])
+        start = slot * self.frame_size + self._plane_start(index)
         return self.buffer[start : start + self.planes[index].size].reshape(self.planes[index].shape)
+
+    def _plane_start(self, index: int) -> int:
+        return sum(g.size for g in self.planes[:index])
+
+    def _windows(self, planes: tuple[int, ...], taps_y: int, taps_x: int) -> np.ndarray:
+        """Every window of `taps_y` x `taps_x` samples of the held planes `planes` (consecutive, one shape),
+        as one view `[slot, plane, top, left, taps_y, taps_x]` of the buffer: one gather takes them all."""
+        h, w = self.planes[planes[0]].shape
+        start = self._plane_start(planes[0])
+        return as_strided(self.buffer[start:], (self.num_frames, len(planes), h - taps_y + 1, w - taps_x + 1, taps_y, taps_x),
+                          (self.frame_size, h * w, w, 1, w, 1), writeable=False)
 
     def paint(self, kept: torch.Tensor, source: np.ndarray | None = None) -> torch.Tensor:
         """uint8 `[K, 3, p, p]` of the kept patches (`kept [T, rows, cols]` bool), in `kept.nonzero()` order.
@@ -219,24 +231,18 @@ class KeptPatchPainter:
         geometry, p, count = self.planes[planes[0]], self.patch, len(planes) * len(slot)
         rows, cols = geometry.rows, geometry.cols
         taps_y, taps_x = rows.weights.shape[2], cols.weights.shape[2]
-        row, col = np.tile(row, len(planes)), np.tile(col, len(planes))
+        plane = np.repeat(np.arange(len(planes)), len(slot))
+        slot, row, col = np.tile(slot, len(planes)), np.tile(row, len(planes)), np.tile(col, len(planes))
         by_col = np.argsort(col, kind="stable")  # the windows of a patch column side by side
-        place = np.empty(count, np.int64)  # where each window goes in that order
-        place[by_col] = np.arange(count)
-        windows = np.empty((count, taps_y, taps_x), np.uint8)
-        ys, xs = rows.first[row], cols.first[col]
-        bounds = np.flatnonzero(np.diff(slot, prepend=-1, append=-1))  # the patches come frame by frame
-        for n, plane in enumerate(planes):
-            for lo, hi in zip(bounds[:-1] + n * len(slot), bounds[1:] + n * len(slot)):
-                data = self._plane_data(int(slot[lo - n * len(slot)]), plane)
-                every = as_strided(data, (data.shape[0] - taps_y + 1, data.shape[1] - taps_x + 1, taps_y, taps_x),
-                                   (data.strides[0], 1, data.strides[0], 1))
-                windows[place[lo:hi]] = every[ys[lo:hi], xs[lo:hi]]
+        slot, row, col, plane = slot[by_col], row[by_col], col[by_col], plane[by_col]
+        windows = self._windows(planes, taps_y, taps_x)[slot, plane, rows.first[row], cols.first[col]]
         windows = torch.from_numpy(windows).float()
         across = torch.empty(count, taps_y, p)
-        for c, lo, hi in _runs(col[by_col]):
+        for c, lo, hi in _runs(col):
             torch.mm(windows[lo:hi].view(-1, taps_x), cols.weights[c].T, out=across[lo:hi].view(-1, p))
-        down = torch.bmm(rows.weights[torch.from_numpy(row[by_col])], across)  # [planes * K, p, p]
+        down = torch.bmm(rows.weights[torch.from_numpy(row)], across)  # [planes * K, p, p], by column
+        place = np.empty(count, np.int64)  # back to the order asked for
+        place[by_col] = np.arange(count)
         return down[torch.from_numpy(place)].view(len(planes), -1, p, p)
 
 
