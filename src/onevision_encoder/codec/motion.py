@@ -114,8 +114,12 @@ class _L0Blocks:
         c0, c1, r0, r1 = c0[keep], c1[keep], r0[keep], r1[keep]
         fraction = (np.minimum(w[keep], unit) * np.minimum(h[keep], unit) / unit**2).astype(np.float32)
         scale = np.maximum(mvs["motion_scale"][keep], 1)
-        motion = ((mvs["motion_x"][keep] + 1j * mvs["motion_y"][keep]) / scale).astype(np.complex64)
-        steps = int(np.lcm.reduce(np.unique(scale)))  # every motion is a multiple of 1/steps pixel
+        low, high = int(scale.min()), int(scale.max())  # one scale a stream, as a rule (4: quarter-pel)
+        scale = low if low == high else scale.astype(np.float32)
+        motion = np.empty(len(keep), np.complex64)
+        motion.real, motion.imag = mvs["motion_x"][keep] / scale, mvs["motion_y"][keep] / scale
+        # every motion is a multiple of 1/steps pixel
+        steps = low if low == high else int(np.lcm.reduce(np.unique(scale).astype(np.int64)))
         stride = cols + 1
         corners = np.stack([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
         return cls(len(vectors), frame[keep], motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners, steps)

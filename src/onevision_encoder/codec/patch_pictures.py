@@ -105,9 +105,22 @@ def yuv_to_rgb(colorspace: int, full_range: bool) -> tuple[torch.Tensor, torch.T
 
 @dataclass
 class _PlaneGeometry:
-    shape: tuple[int, int]  # (height, width), upright
+    """One plane of the upright picture as held: the part the windows reach (`origin`, `shape`: the crop's
+    margins are never read, so never copied), and the windows relative to it."""
+
+    full: tuple[int, int]  # (height, width) of the whole plane
+    origin: tuple[int, int]
+    shape: tuple[int, int]
     rows: PatchWindows
     cols: PatchWindows
+
+    @classmethod
+    def of(cls, full: tuple[int, int], rows: PatchWindows, cols: PatchWindows) -> "_PlaneGeometry":
+        top, left = int(rows.first.min()), int(cols.first.min())
+        bottom = int((rows.first + rows.weights.shape[2]).max())
+        right = int((cols.first + cols.weights.shape[2]).max())
+        return cls(full, (top, left), (bottom - top, right - left), PatchWindows(rows.first - top, rows.weights),
+                   PatchWindows(cols.first - left, cols.weights))
 
     @property
     def size(self) -> int:
@@ -152,9 +165,9 @@ class KeptPatchPainter:
         sign = 1 if plan.mode == "crop" else -1  # crop: square = resized - top; letterbox: + top
         rows = axis_weights(plan.height, plan.resized_height, sign * plan.top, plan.size)
         cols = axis_weights(plan.width, plan.resized_width, sign * plan.left, plan.size)
-        self.planes = [_PlaneGeometry((-(-plan.height // fy), -(-plan.width // fx)),
-                                      PatchWindows.of(*rows, patch_size, plan.height, fy),
-                                      PatchWindows.of(*cols, patch_size, plan.width, fx))
+        self.planes = [_PlaneGeometry.of((-(-plan.height // fy), -(-plan.width // fx)),
+                                         PatchWindows.of(*rows, patch_size, plan.height, fy),
+                                         PatchWindows.of(*cols, patch_size, plan.width, fx))
                        for fy, fx in ((1, 1), (sub_y, sub_x), (sub_y, sub_x))]
         full = frame.format.name.startswith("yuvj") or int(frame.color_range) == 2
         self.matrix, self.offset = yuv_to_rgb(int(frame.colorspace), full)
@@ -174,14 +187,16 @@ class KeptPatchPainter:
         return num_frames * (frame.height * frame.width + 2 * chroma)
 
     def hold(self, frame, slots: list[int]) -> None:
-        """Copy a sampled frame's planes (upright) for its slots (a frame sampled twice is held for each)."""
+        """Copy the part of a sampled frame's planes that windows reach (upright) for its slots (a frame sampled
+        twice is held for each)."""
         for index, geometry in enumerate(self.planes):
-            shape = geometry.shape[::-1] if self.turns % 2 else geometry.shape  # as decoded
+            h, w = geometry.full[::-1] if self.turns % 2 else geometry.full  # as decoded
             plane = frame.planes[index]
-            decoded = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: shape[0], : shape[1]]
+            decoded = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:h, :w]
             upright = np.rot90(decoded, self.turns) if self.turns else decoded
+            (top, left), (height, width) = geometry.origin, geometry.shape
             for slot in slots:
-                np.copyto(self._plane_data(slot, index), upright)
+                np.copyto(self._plane_data(slot, index), upright[top : top + height, left : left + width])
 
     def _plane_data(self, slot: int, index: int) -> np.ndarray:
         start = slot * self.frame_size + self._plane_start(index)
