@@ -3,13 +3,15 @@
 The flow, one module per step:
 
     file --video.py--> decoded frames, in presentation order, in one streaming pass
-         --scan.py---> the sampled frames on the model's square + per-frame maps on a working grid
-                       (cells.py: the grid; workers.py: resizing and luma in threads beside the decoder;
-                        motion.py: bitstream motion vectors, camera motion; block_matching.py: motion where
-                        the codec exports no vectors; reference.py: the published reader's maps)
+         --scan.py---> the sampled frames (held as decoded, or on the model's square) + per-frame maps on a
+                       working grid (cells.py: the grid; workers.py: holding or resizing, and luma, in threads
+                       beside the decoder; motion.py: bitstream motion vectors, camera motion;
+                       block_matching.py: motion where the codec exports no vectors; reference.py: the
+                       published reader's maps)
          --scores.py-> one score per patch, under a policy ("balanced" or "reference")
          --selection.py: choose_patches -> kept patches (whole_frames whole, then a global top-K);
-                       select_patches packs them -> CodecClip, the patch list
+                       select_patches packs them -> CodecClip, the patch list, their pictures painted from
+                       the held frames (patch_pictures.py)
 
 `quality.py` measures what a selection keeps (replenishment PSNR), `contact_sheet.py` draws it, `cli.py` is
 `ove select`.
