@@ -37,6 +37,14 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
     (the "reference" maps' plane means) stay in float32.
     """
     h, w = current.shape
+    v = (_block_shifts(previous, current, radius, block) * cell).float()
+    v = v.permute(2, 0, 1).repeat_interleave(block, 1).repeat_interleave(block, 2)
+    return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
+
+
+def _block_shifts(previous: np.ndarray, current: np.ndarray, radius: int, block: int) -> torch.Tensor:
+    """`[blocks high, blocks wide, 2]`: each block's best shift (dy, dx) in cells (`block_motion`)."""
+    h, w = current.shape
     n = 2 * radius + 1
     bh, bw = -(-h // block), -(-w // block)
     height, width = bh * block, bw * block
@@ -62,17 +70,31 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, blo
         sad += columns[..., i]
     shifts, grid_index, penalty = _search(radius)
     # the first minimum, in search order (`min(0)`, documented to give the first, ran 4x faster than argmin)
-    best = shifts[sad.index_select(0, grid_index).float().mul_(penalty).min(0).indices]
-    v = (best * cell).float().permute(2, 0, 1).repeat_interleave(block, 1).repeat_interleave(block, 2)
-    return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
+    return shifts[sad.index_select(0, grid_index).float().mul_(penalty).min(0).indices]
 
 
-def _block_motion_since(previous: Future, current: Future, wmap: _WorkMap, out: np.ndarray) -> None:
+def _block_motion_since(previous: Future, current: Future, wmap: _WorkMap, out: np.ndarray,
+                        block: int = 4) -> None:
     """Write the camera-free magnitude of the `block_motion` from `previous`'s luma cells to `current`'s
     (Futures of jobs submitted earlier to the same worker pool: taken first, so they finish) to `out`, on the
-    working grid in model pixels."""
-    vx, vy = block_motion(previous.result(), current.result(), cell=wmap.cell)
-    out[...] = wmap(_camera_free_magnitude(vx, vy)) * wmap.scale
+    working grid in model pixels. `_camera_free_magnitude` of the cells, worked out per block (a block's
+    cells share its motion, so the median over cells is one over blocks weighted by their cells inside)."""
+    cells = current.result()
+    v = (_block_shifts(previous.result(), cells, 4, block) * wmap.cell).float().numpy()  # [bh, bw, (y, x)]
+    h, w = cells.shape
+    inside = np.minimum(block, h - np.arange(v.shape[0]) * block)[:, None] * np.minimum(
+        block, w - np.arange(v.shape[1]) * block)[None, :]
+    magnitude = np.hypot(v[..., 1] - _median(v[..., 1], inside), v[..., 0] - _median(v[..., 0], inside))
+    out[...] = wmap(np.repeat(np.repeat(magnitude, block, 0), block, 1)[:h, :w]) * wmap.scale
+
+
+def _median(values: np.ndarray, counts: np.ndarray) -> np.float32:
+    """`np.median` of `values` each repeated `counts` times (float32: the middle one, or the mean of the two)."""
+    order = np.argsort(values, axis=None, kind="stable")
+    ends = np.cumsum(counts.ravel()[order])
+    n = int(ends[-1])
+    middle = values.ravel()[order][np.searchsorted(ends, [(n - 1) // 2, n // 2], side="right")]
+    return np.float32((middle[0] + middle[1]) / np.float32(2))
 
 
 def _camera_free_magnitude(vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
