@@ -2,9 +2,10 @@
 (`KeptPatchPainter`).
 
 Making the whole model picture of every sampled frame (RGB at full resolution, then resampling) cost a
-selection more than anything but decoding, yet on real clips about a tenth of the patches are kept. So the
-sampled frames are held as decoded (8-bit planar YUV, no copy) and each kept patch is resampled from the
-planes around it, then converted to RGB.
+selection more than anything but decoding, yet an eighth of the patches are kept (K = 2048 of 64x256). So the
+sampled frames are held as decoded, 8-bit planar YUV (the part of each plane that patches can reach, copied
+into a reused buffer: `_Buffers`), and each kept patch is resampled from the planes around it, then
+converted to RGB.
 
 The filter is PIL's antialiased bicubic (what `SquarePlan.resample` follows) as float weights per output
 row and column of the square. Chroma is taken the way FFmpeg's RGB conversion takes it, each chroma sample
@@ -132,9 +133,10 @@ class _Buffers:
     the decoder from reusing its buffer, and the fresh pages of 64 new ones cost about a quarter of a
     decode-everything pass in page faults (64 frames of 720p: 20,000 faults, 50 ms, measured). Copied into a
     buffer that the next scan in the process takes again, their pages are faulted in once. At most `spare`
-    buffers wait, the largest ones."""
+    buffers wait, the largest ones: a process that has selected keeps up to `scan.HELD_FRAMES_BYTES` for
+    the next selection."""
 
-    spare = 2
+    spare = 1
     free: list[np.ndarray] = []
     lock = threading.Lock()
 
