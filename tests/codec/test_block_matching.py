@@ -1,0 +1,50 @@
+"""Block matching's shortcuts give what the plain computation gives."""
+
+import numpy as np
+import torch
+
+from onevision_encoder.codec import block_motion
+from onevision_encoder.codec.block_matching import _block_motion_since, _camera_free_magnitude, _median
+from onevision_encoder.codec.cells import _WorkMap
+
+
+def test_whole_number_cells_match_in_integers_what_fractional_cells_match_in_floats():
+    """Cells of whole numbers take the 16-bit path; the same cells plus 0.25 (same differences) the float one."""
+    rng = np.random.default_rng(0)
+    previous = rng.integers(0, 256, (45, 80)).astype(np.float32)
+    current = np.roll(previous, (1, -2), axis=(0, 1)) + rng.integers(-3, 4, (45, 80))
+    current = np.clip(current, 0, 255).astype(np.float32)
+    whole = block_motion(previous, current, cell=4)
+    fractional = block_motion(previous + 0.25, current + 0.25, cell=4)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, fractional))
+    assert np.mean(whole[0][8:-8, 8:-8] == 8) > 0.9  # it still finds the shift
+
+
+def test_weighted_median_is_numpys_median_of_the_repeated_values():
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 7, 30):
+        values = rng.integers(-4, 5, n).astype(np.float32) * 4
+        counts = rng.integers(1, 17, n)
+        assert _median(values, counts) == np.median(np.repeat(values, counts))
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def test_camera_free_motion_per_block_equals_per_cell():
+    """`_block_motion_since` (per block) writes what `_camera_free_magnitude` of the cells gives."""
+    rng = np.random.default_rng(2)
+    previous = rng.integers(0, 256, (23, 41)).astype(np.float32)  # partial edge blocks
+    current = np.roll(previous, (2, 1), axis=(0, 1)).copy()
+    current[5:12, 10:20] = rng.integers(0, 256, (7, 10))  # something moving on its own
+    wmap = _WorkMap.for_frame(23 * 4, 41 * 4, 0, 224, 64, "crop")
+    out = np.zeros((64, 64), np.float32)
+    _block_motion_since(_Done(previous), _Done(current), wmap, out)
+    vx, vy = block_motion(previous, current, cell=wmap.cell)
+    want = wmap(_camera_free_magnitude(vx, vy)) * wmap.scale
+    assert np.array_equal(out, want) and out.max() > 0
