@@ -114,6 +114,26 @@ def test_a_generated_placeholder_id_is_text_at_a_decoding_step(model, small_proc
         model(input_ids=step)
 
 
+def test_generation_never_emits_a_placeholder_id(model, small_processor, media):
+    """An LM that prefers the image placeholder id above all (its logit raised by 100) generates other tokens,
+    with the KV cache and without it (where an emitted placeholder would ask for a visual token more)."""
+    (a, _, _), _ = media
+    batch = small_processor(text=["<image> ?"], images=[[a]])
+    image_id = model.config.image_token_id
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: out.index_add(
+        -1, torch.tensor([image_id]), torch.full((*out.shape[:-1], 1), 100.0)))
+    try:
+        with torch.no_grad():
+            prompt = batch["input_ids"].shape[1]
+            unguarded = model.generate(**batch, max_new_tokens=1, do_sample=False, suppress_tokens=[])
+            assert unguarded[0, prompt] == image_id  # the raised logit wins when nothing is suppressed
+            for cache in (True, False):
+                new = model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=cache)
+                assert new.shape[1] > prompt and not (new[:, prompt:] == image_id).any()
+    finally:
+        hook.remove()
+
+
 def test_beam_search_repeats_each_samples_items_with_it(model, small_processor):
     """num_beams copies each sample; a sample's two images must follow each copy as a pair (transformers' own
     expansion repeats item by item: [a, a, b, b], which silently gives copies the wrong images)."""

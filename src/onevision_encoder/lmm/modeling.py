@@ -290,6 +290,16 @@ class OneVisionLlavaForConditionalGeneration(OneVisionLlavaPreTrainedModel, Gene
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
         return input_ids, {**model_kwargs, **visual}
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, never emitting an image or video placeholder id: they stand for visual
+        tokens, and one emitted would hand a step without the KV cache (`use_cache=False`) more placeholders
+        than there are visual tokens. A `suppress_tokens` given here replaces this default."""
+        if "suppress_tokens" not in kwargs:
+            config = kwargs.get("generation_config") or self.generation_config
+            ids = {self.config.image_token_id, self.config.video_token_id} - {None}
+            kwargs["suppress_tokens"] = sorted(set(getattr(config, "suppress_tokens", None) or ()) | ids)
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         # The visual tokens enter at the prefill only: later steps read them from the KV cache.
         visual = {name: kwargs.pop(name, None) for name in VISUAL_INPUTS}
