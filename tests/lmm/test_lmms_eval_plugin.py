@@ -180,3 +180,23 @@ def test_bad_model_args_and_visuals_are_named(setup):
         {"max_new_tokens": 5, "do_sample": False}, ["\n"])
     assert generation_settings({"temperature": 0.5, "top_p": 0.9})[0] == {
         "max_new_tokens": 128, "do_sample": True, "temperature": 0.5, "top_p": 0.9}
+
+
+def test_continuation_tokens_are_counted_on_the_joint_text():
+    """With a BPE tokenizer that merges across the boundary ("x a" + "b" -> "x", "ab"), counting the continuation
+    alone says 1 token; the joint text less the prompt says what the model actually scores."""
+    pytest.importorskip("lmms_eval")
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from onevision_encoder.lmm.lmms_eval_plugin import continuation_length
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.train_from_iterator(["ab ab abc ab", "xab abc"], trainers.BpeTrainer(special_tokens=["<unk>"], vocab_size=40))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    assert tokenizer.tokenize("xab")[-1] == "ab" and tokenizer.tokenize("xa")[-1] == "a"  # the merge happens
+    # "xabc" is x | ab | c: the model scores 1 token after the prompt's "x", "a"; "bc" alone would be 2
+    assert tokenizer.tokenize("xabc") == ["x", "ab", "c"] and len(tokenizer.tokenize("bc")) == 2
+    assert continuation_length(tokenizer, "xa", "bc") == 1
+    assert continuation_length(tokenizer, "x", "abc") == 2
+    assert continuation_length(tokenizer, "xa", "b") == 1  # "xab" is as long as "xa": never less than one token

@@ -143,7 +143,7 @@ class OneVisionLlava(lmms):
             prompt, images, videos = self._request_prompt(request)
             continuation = request.args[1]
             inputs = self._inputs([prompt + continuation], [images], [videos])
-            n = len(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            n = continuation_length(tokenizer, prompt, continuation)
             target = inputs["input_ids"][0, -n:]
             with torch.inference_mode():
                 logits = self.model(**inputs).logits[0, -n - 1 : -1].float()
@@ -155,3 +155,13 @@ class OneVisionLlava(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(f"{MODEL_ID} does not implement multi-round generation")
+
+
+def continuation_length(tokenizer, prompt: str, continuation: str) -> int:
+    """How many of the tokens of `prompt + continuation` are the continuation's: the joint text's count less
+    the prompt's, as lmms-eval's and lm-eval-harness's own models count (tokenizing the continuation alone
+    miscounts where a token spans the boundary); at least one."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return max(1, count(prompt + continuation) - count(prompt))
