@@ -186,21 +186,29 @@ class _BlockCanvas:
         each cell's squares of `values` [n] filled over the blocks' rectangles (each weighted by its fraction
         of a square), plus `base` (one for all, or one per group) everywhere."""
         rows, cols = self.grid
-        squares = torch.zeros(groups, self.cells[0] * self.k, self.cells[1] * self.k, dtype=torch.float64)
+        padded = (self.cells[0] * self.k, self.cells[1] * self.k)  # the grid in whole cells
+        squares = None
         if blocks is not None:
             # torch, not NumPy: 2-4x faster cumulative sums here, and it lets the decoding thread have the GIL
             values = torch.from_numpy(values * blocks.fraction.astype(np.float64))
             corners = blocks.corners if group is None else blocks.corners + group * ((rows + 1) * (cols + 1))
             diff = torch.bincount(torch.from_numpy(corners.ravel()), torch.cat([values, -values, -values, values]),
                                   groups * (rows + 1) * (cols + 1)).view(groups, rows + 1, cols + 1)
-            squares[:, :rows, :cols] = diff.cumsum(1).cumsum(2)[:, :rows, :cols]
+            squares = diff.cumsum(1).cumsum(2)[:, :rows, :cols]
+        if squares is None or (rows, cols) != padded:  # no blocks, or cells past the frame's edge
+            whole = torch.zeros(groups, *padded, dtype=torch.float64)
+            if squares is not None:
+                whole[:, :rows, :cols] = squares
+            squares = whole
         base = torch.as_tensor(base, dtype=torch.float64).view(-1, 1, 1)
-        return (self._pool(squares) / self.squares_per_cell + base).float().numpy()
+        if (rows, cols) != padded:
+            return (self._pool(squares) / self.squares_per_cell + base).float().numpy()
+        return (self._pool(squares) / self.k**2 + base).float().numpy()  # every cell whole: k*k squares
 
     def _pool(self, squares: torch.Tensor) -> torch.Tensor:
         if self.k == 1:
             return squares
-        return squares.view(-1, self.cells[0], self.k, self.cells[1], self.k).sum((2, 4))
+        return squares.reshape(-1, self.cells[0], self.k, self.cells[1], self.k).sum((2, 4))
 
 
 def _motion_cells(canvas: _BlockCanvas, blocks: _L0Blocks | None) -> tuple[np.ndarray, np.ndarray]:
