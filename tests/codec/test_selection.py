@@ -515,6 +515,7 @@ def test_worker_threads_run_a_little_below_the_callers_priority():
 def test_a_sampled_frame_the_decoder_drops_repeats_the_one_before(videos, monkeypatch):
     path = videos["h264"]["path"]
     whole = scan_video(path, num_frames=16)
+    painted = scan_video(path, num_frames=16, pictures=False).frames  # kept patches painted from held frames
     dropped = int(whole.frame_ids[5])
     frames = VideoFile.frames
 
@@ -528,6 +529,10 @@ def test_a_sampled_frame_the_decoder_drops_repeats_the_one_before(videos, monkey
     assert gappy.frame_ids.tolist() == expected.tolist()
     assert torch.equal(gappy.pictures[5], whole.pictures[4]) and torch.equal(gappy.pictures[0], whole.pictures[1])
     assert torch.equal(gappy.pictures[6:], whole.pictures[6:])
+    # the same when the kept patches are painted from held frames afterwards
+    gappy_painted = scan_video(path, num_frames=16, pictures=False).frames
+    assert torch.equal(gappy_painted[5], painted[4]) and torch.equal(gappy_painted[0], painted[1])
+    assert torch.equal(gappy_painted[6:], painted[6:]) and not torch.equal(painted[5], painted[4])
 
 
 def test_weighted_medians_by_histogram_equal_those_by_sorting():
