@@ -182,7 +182,8 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
             # their vectors chain over the interval once; B-frames (which point back to the same I/P frame,
             # and may not even be decoded) add nothing but the sample's own vectors.
             wanted = is_sampled or (since_maps and is_anchor)
-            vectors = motion_vectors(frame) if motion and bitstream and wanted else None
+            # "balanced" reads moving L0 blocks only; "reference" every vector of the sampled frames
+            vectors = motion_vectors(frame, moving_l0=not own_maps) if motion and bitstream and wanted else None
             if vectors is not None and since_maps:
                 accumulated.add(vectors)
             if is_sampled:
