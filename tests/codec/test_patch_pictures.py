@@ -1,6 +1,7 @@
 """Kept patches painted from the decoded planes after the choice, against whole pictures made while decoding."""
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -51,9 +52,21 @@ def test_patch_windows_fold_subsampled_samples(factor):
     assert np.abs(got - want).max() < 1e-5
 
 
+@contextmanager
+def one_torch_thread():
+    """As in a DataLoader worker: no worker threads, so `select_patches` paints the kept patches afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _compare(path, **options):
-    """Painted kept patches (the default) vs the same patches cut from whole pictures (keep_frames=True)."""
-    painted = select_patches(path, **options)
+    """Painted kept patches (one torch thread) vs the same patches cut from whole pictures (keep_frames=True)."""
+    with one_torch_thread():
+        painted = select_patches(path, **options)
     whole = select_patches(path, keep_frames=True, **options)
     assert torch.equal(painted.patch_positions, whole.patch_positions)
     diff = (painted.pixel_values - whole.pixel_values).abs() * 0.27 * 255  # about levels (CLIP std ~0.27)
@@ -93,5 +106,28 @@ def test_frames_too_large_to_hold_or_not_planar_get_pictures_while_decoding(tmp_
     monkeypatch.setattr(scan_module, "HELD_FRAMES_BYTES", 1000)
     held = scan_video(meta["path"], pictures=False)
     assert held.pictures is not None and held.painter is None
-    assert torch.equal(select_patches(meta["path"]).pixel_values,
-                       select_patches(meta["path"], keep_frames=True).pixel_values)
+    with one_torch_thread():
+        fallback = select_patches(meta["path"]).pixel_values
+    assert torch.equal(fallback, select_patches(meta["path"], keep_frames=True).pixel_values)
+
+
+def test_select_patches_paints_only_without_worker_threads(tmp_path, monkeypatch):
+    """pictures=None: painted afterwards in one torch thread (CPU is what counts there), made while decoding
+    beside worker threads (which hide them behind the decoder)."""
+    from onevision_encoder.codec.patch_pictures import KeptPatchPainter
+
+    meta = write_video(tmp_path / "v.mp4", num_frames=30, width=96, height=64)
+    painted = []
+    paint = KeptPatchPainter.paint
+    monkeypatch.setattr(KeptPatchPainter, "paint", lambda self, *a, **k: painted.append(1) or paint(self, *a, **k))
+    with one_torch_thread():
+        select_patches(meta["path"])
+    assert painted == [1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        select_patches(meta["path"])
+        assert scan_video(meta["path"], pictures=None).painter is None
+    finally:
+        torch.set_num_threads(threads)
+    assert painted == [1]
