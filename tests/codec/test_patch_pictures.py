@@ -12,6 +12,7 @@ from onevision_encoder import select_patches
 from onevision_encoder.codec import scan as scan_module
 from onevision_encoder.codec import scan_video
 from onevision_encoder.codec.patch_pictures import PatchWindows, axis_weights
+from onevision_encoder.processing import normalize, patchify
 from onevision_encoder.synthetic import write_video
 
 SHARED_CLIP = os.path.join(os.environ.get("OVE_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "..",
@@ -53,25 +54,28 @@ def test_patch_windows_fold_subsampled_samples(factor):
 
 
 @contextmanager
-def one_torch_thread():
-    """As in a DataLoader worker: no worker threads, so `select_patches` paints the kept patches afterwards."""
+def torch_threads(n):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _compare(path, **options):
-    """Painted kept patches (one torch thread) vs the same patches cut from whole pictures (keep_frames=True)."""
-    with one_torch_thread():
-        painted = select_patches(path, **options)
-    whole = select_patches(path, keep_frames=True, **options)
-    assert torch.equal(painted.patch_positions, whole.patch_positions)
-    diff = (painted.pixel_values - whole.pixel_values).abs() * 0.27 * 255  # about levels (CLIP std ~0.27)
-    mse = ((painted.pixel_values - whole.pixel_values) * 0.27).pow(2).mean()
-    return diff, 10 * torch.log10(1 / mse)
+def _compare(path, budget, size=224, patch_size=14, resize="crop"):
+    """The kept patches of a selection painted from held frames vs cut from whole pictures made while decoding
+    (FFmpeg's RGB, torch's resize): mean absolute difference and PSNR over the picture's pixels, in levels."""
+    geometry = dict(size=size, patch_size=patch_size, resize=resize)
+    kept = select_patches(path, budget=budget, **geometry).kept
+    painted = scan_video(path, pictures=False, **geometry)
+    whole = scan_video(path, **geometry)
+    assert painted.pictures is None and painted.painter is not None and whole.painter is None
+    rows = size // patch_size
+    _, row, col = kept.nonzero(as_tuple=True)
+    inside = painted.geometry.picture_mask().view(rows, patch_size, rows, patch_size).transpose(1, 2)[row, col]
+    diff = (painted.kept_pictures(kept).float() - whole.kept_pictures(kept).float()).transpose(0, 1)[:, inside]
+    return diff.abs(), 10 * torch.log10(255**2 / diff.pow(2).mean())
 
 
 @pytest.mark.parametrize("options", [
@@ -84,6 +88,7 @@ def test_painted_patches_match_whole_pictures(tmp_path, options):
     for resize in ("crop", "letterbox"):
         diff, psnr = _compare(meta["path"], budget=1024, resize=resize)
         assert psnr > 40 and diff.mean() < 2, (options, resize, psnr, diff.mean())
+        assert diff.max() < 64  # no misplaced window: those differ by the picture's contrast
 
 
 @pytest.mark.skipif(not os.path.exists(SHARED_CLIP), reason="needs ../shared/reference-selection/clip.mp4")
@@ -106,28 +111,19 @@ def test_frames_too_large_to_hold_or_not_planar_get_pictures_while_decoding(tmp_
     monkeypatch.setattr(scan_module, "HELD_FRAMES_BYTES", 1000)
     held = scan_video(meta["path"], pictures=False)
     assert held.pictures is not None and held.painter is None
-    with one_torch_thread():
-        fallback = select_patches(meta["path"]).pixel_values
-    assert torch.equal(fallback, select_patches(meta["path"], keep_frames=True).pixel_values)
+    clip, whole = select_patches(meta["path"]), scan_video(meta["path"])  # whole: pictures made while decoding
+    assert torch.equal(clip.pixel_values, normalize(whole.geometry.to_float(whole.kept_pictures(clip.kept))).flatten(1))
 
 
-def test_select_patches_paints_only_without_worker_threads(tmp_path, monkeypatch):
-    """pictures=None: painted afterwards in one torch thread (CPU is what counts there), made while decoding
-    beside worker threads (which hide them behind the decoder)."""
-    from onevision_encoder.codec.patch_pictures import KeptPatchPainter
-
-    meta = write_video(tmp_path / "v.mp4", num_frames=30, width=96, height=64)
-    painted = []
-    paint = KeptPatchPainter.paint
-    monkeypatch.setattr(KeptPatchPainter, "paint", lambda self, *a, **k: painted.append(1) or paint(self, *a, **k))
-    with one_torch_thread():
-        select_patches(meta["path"])
-    assert painted == [1]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        select_patches(meta["path"])
-        assert scan_video(meta["path"], pictures=None).painter is None
-    finally:
-        torch.set_num_threads(threads)
-    assert painted == [1]
+def test_a_selection_is_the_same_whatever_the_threads_and_keep_frames(tmp_path):
+    """One way to pixels per video: the same patches in one torch thread (no workers, as in DataLoader workers)
+    and in two (workers beside the decoder), with or without the frames kept for display, which show them."""
+    meta = write_video(tmp_path / "v.mp4", num_frames=40, width=160, height=96)
+    with torch_threads(1):
+        alone = select_patches(meta["path"])
+    with torch_threads(2):
+        beside = select_patches(meta["path"])
+        shown = select_patches(meta["path"], keep_frames=True)
+    assert torch.equal(alone.pixel_values, beside.pixel_values) and torch.equal(alone.pixel_values, shown.pixel_values)
+    patches = patchify(normalize(shown.frames), 14).flatten(0, 1)[shown.kept.flatten()]
+    assert torch.allclose(patches, shown.pixel_values, atol=1e-6)

@@ -57,6 +57,12 @@ def _pan_motion_vectors(tmp_path):
         return [motion_vectors(frame) for frame in container.decode(stream)]
 
 
+def _same_picture(a, b) -> bool:
+    """Floats in 0..1 that show the same picture up to the painting's rounding (a level or two on average)."""
+    diff = (a - b).abs() * 255
+    return bool(diff.mean() < 2 and 10 * torch.log10(255**2 / (diff**2).mean()) > 38)
+
+
 def _decoded(path):
     with av.open(os.fspath(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
@@ -116,10 +122,11 @@ def test_patch_list_form_positions_order_and_pixels(videos):
     assert np.array_equal(clip.frame_ids.numpy(), expected_ids)
     patches = patchify(normalize(clip.frames), P)  # [T, rows*cols, D]
     assert torch.allclose(clip.pixel_values, patches[pos[:, 0], pos[:, 1] * ROWS + pos[:, 2]])
-    # The sampled frames are the decoded frames, resized the shared way.
+    # The sampled frames are the decoded frames, resized the shared way (painted from the planes: about a level
+    # apart, `test_patch_pictures.py`)
     decoded = _decoded(meta["path"])
     want, _ = resize_frames(decoded[expected_ids[[0, 17, 63]]], SIZE)
-    assert torch.allclose(clip.frames[[0, 17, 63]], want, atol=1e-5)
+    assert _same_picture(clip.frames[[0, 17, 63]], want)
 
 
 def test_budget_as_fraction_count_too_large_and_invalid(videos):
@@ -319,7 +326,8 @@ def test_odd_sizes_and_rotation_metadata(tmp_path):
         first = next(c.decode(video=0))
         raw = first.to_ndarray(format="rgb24")
     upright, _ = resize_frames(np.rot90(raw, 1)[None].copy(), SIZE)  # display matrix: +90 = a quarter turn left
-    assert torch.allclose(clip.frames[0], upright[0], atol=1e-5)
+    assert _same_picture(clip.frames[0], upright[0])
+    assert not _same_picture(clip.frames[0], resize_frames(raw[None].copy(), SIZE)[0][0])
     # Ground truth turned the same way: the selection still follows the objects.
     meta = dict(rotated, moving_masks=np.rot90(rotated["moving_masks"], 1, axes=(1, 2)))
     kept = clip.kept.clone()

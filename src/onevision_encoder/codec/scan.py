@@ -89,7 +89,7 @@ def scan_video(
     motion: bool = True,
     progress: bool = False,
     policy: str | None = None,
-    pictures: bool | None = True,
+    pictures: bool = True,
 ) -> VideoScan:
     """Decode `path` once, keep the `num_frames` sampled frames resized, and measure motion and change.
 
@@ -101,11 +101,8 @@ def scan_video(
     (about 1.5 bytes a pixel each, for 8-bit 4:2:0) and paints only the patches asked for afterwards
     (`VideoScan.kept_pictures`), which costs a selection a fraction of the CPU time of making every picture.
     Formats without planar 8-bit YUV, and frames too large to hold 64 of (`HELD_FRAMES_BYTES`), get pictures
-    anyway. pictures=None: paint afterwards where no worker threads run (one torch thread, as in DataLoader
-    workers: there CPU time is all that counts), make pictures while decoding otherwise, where the workers
-    hide them behind the decoder (painting afterwards cannot be hidden: on 2 cores it took 1280x720 from
-    1.22 to 1.33x decoding time at 224 px, and the published LMM geometry, 504 px letterbox and 10368
-    patches, from 0.94 to 1.23x on the shared clip).
+    anyway. Which way a video goes depends on the video only, never on the thread count, so that a clip's
+    pixels are the same in every process.
     Worker threads (resizing, luma, motion sums, block matching) are used when torch may use
     more than one thread here: not inside a DataLoader worker process, which torch limits to one.
     """
@@ -170,8 +167,7 @@ def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progre
                 wmap = _WorkMap.for_frame(frame.height, frame.width, quarter_turns(frame), size, work, resize)
                 cell = wmap.cell
                 canvas = _BlockCanvas(frame.height, frame.width, cell)
-                paint = not pictures if pictures is not None else workers == 0
-                painter = _painter(frame, wmap, patch_size, num_frames, workers > 0) if paint else None
+                painter = None if pictures else _painter(frame, wmap, patch_size, num_frames, workers > 0)
                 squares = _SquareFrames(wmap, num_frames, workers, hold=painter and painter.hold)
                 accumulated = _MotionSince(canvas, wmap, maps["since"], pool=squares.pool)
                 # "reference" works on 4x4-pixel cells, as published, summed over each patch's area

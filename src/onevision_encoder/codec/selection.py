@@ -242,9 +242,10 @@ def select_patches(
     rows = size // patch_size
     count = _budget_count(budget, num_frames * rows * rows)
     _check_budget_holds(count, whole, rows * rows)
-    # without keep_frames and worker threads, only the kept patches get pictures (`scan_video`: pictures=None)
+    # only the kept patches get pictures (`scan_video`: pictures=False); keep_frames paints the whole frames
+    # the same way, so the patches are the same with or without it
     scan = scan_video(path, num_frames, size, patch_size, resize, motion=True, progress=progress, policy=policy,
-                      pictures=True if keep_frames else None)
+                      pictures=False)
     scores = patch_scores(scan, policy)
     kept = choose_patches(scores, scan.valid, count, whole, policy == "balanced", patch_size)
     return _pack(scan, kept, scores=scores, policy=policy, frames=scan.frames if keep_frames else None)
