@@ -49,14 +49,15 @@ def _submit(pool: ThreadPoolExecutor | None, fn, *args, **kwargs) -> Future:
 
 
 class _SquareFrames:
-    """Puts the sampled frames on the model's square, and measures their luma (cells, or whole planes for
-    "reference"), in worker threads while decoding goes on (`pool` also takes the motion sums, the block
-    matching of codecs without motion vectors and the "reference" maps).
+    """Puts the sampled frames on the model's square (or, with `hold`, hands them to a `KeptPatchPainter`),
+    and measures their luma (cells, or whole planes for "reference"), in worker threads while decoding goes
+    on (`pool` also takes the motion sums, the block matching of codecs without motion vectors and the
+    "reference" maps).
 
     The RGB conversion and the resize release the GIL and, on small videos, cost about as much as decoding
     every frame: done in turn with decoding they added their whole time to the selection; the luma cells,
     in the decoding thread, cost it 0.3 ms a frame at 640x360. At most `ahead` decoded frames wait, so
-    memory stays bounded by the sampled frames at the working resolution."""
+    memory stays bounded by the sampled frames (at the working resolution, or as held)."""
 
     def __init__(self, wmap: _WorkMap, num_frames: int, workers: int, ahead: int = 8, hold=None):
         self.wmap, self.ahead = wmap, ahead
@@ -79,7 +80,7 @@ class _SquareFrames:
         return _submit(self.pool, fn, *args, **kwargs)
 
     def put(self, frame, slots: list[int], cell: int | None = None, change: tuple | None = None) -> Future:
-        """Put a sampled frame on its square; with `cell`, also measure its luma cells (`luma_cells(frame,
+        """Put a sampled frame on its square (or hold it); with `cell`, also measure its luma cells (`luma_cells(frame,
         cell)`) in the same job, the Future's result (each hand-off costs the decoding thread tens of
         microseconds). change: (the Future of an earlier frame's luma cells, a `[work, work]` array): also
         write the luma change since that frame there, on the working grid."""
