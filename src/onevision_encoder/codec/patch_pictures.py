@@ -212,8 +212,8 @@ class KeptPatchPainter:
         as one view `[slot, plane, top, left, taps_y, taps_x]` of the buffer: one gather takes them all."""
         h, w = self.planes[planes[0]].shape
         start = self._plane_start(planes[0])
-        return as_strided(self.buffer[start:], (self.num_frames, len(planes), h - taps_y + 1, w - taps_x + 1, taps_y, taps_x),
-                          (self.frame_size, h * w, w, 1, w, 1), writeable=False)
+        shape = (self.num_frames, len(planes), h - taps_y + 1, w - taps_x + 1, taps_y, taps_x)
+        return as_strided(self.buffer[start:], shape, (self.frame_size, h * w, w, 1, w, 1), writeable=False)
 
     def paint(self, kept: torch.Tensor, source: np.ndarray | None = None) -> torch.Tensor:
         """uint8 `[K, 3, p, p]` of the kept patches (`kept [T, rows, cols]` bool), in `kept.nonzero()` order.
