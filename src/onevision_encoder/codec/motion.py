@@ -201,9 +201,7 @@ class _BlockCanvas:
                 whole[:, :rows, :cols] = squares
             squares = whole
         base = torch.as_tensor(base, dtype=torch.float64).view(-1, 1, 1)
-        if (rows, cols) != padded:
-            return (self._pool(squares) / self.squares_per_cell + base).float().numpy()
-        return (self._pool(squares) / self.k**2 + base).float().numpy()  # every cell whole: k*k squares
+        return (self._pool(squares) / self.squares_per_cell + base).float().numpy()
 
     def _pool(self, squares: torch.Tensor) -> torch.Tensor:
         if self.k == 1:
