@@ -200,8 +200,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, vision_config: str |
     except ValueError as e:
         raise LayoutError(f"{os.path.join(src, 'config.json')}: {e}") from None
     _check_against(ours, shapes, published)
-    grid_pinpoints(config.get("image_grid_pinpoints"), encoder.image_size)  # a bad value fails, processor or not
-    processor = _processor(src, config, tokenizer, text, encoder.image_size)
+    # read before the processor is looked for: a bad value fails with a tokenizer or without
+    pinpoints = grid_pinpoints(config.get("image_grid_pinpoints"), encoder.image_size)
+    processor = _processor(src, tokenizer, text, pinpoints)
     if processor is not None:
         ours.image_token_id, ours.video_token_id = processor.image_token_id, processor.video_token_id
         if max(ours.image_token_id, ours.video_token_id) >= text.vocab_size:
@@ -266,9 +267,9 @@ def grid_pinpoints(value, base: int) -> list[list[int]] | None:
     return [list(p) for p in pairs]
 
 
-def _processor(src: str, config: dict, tokenizer: str | None, text_config, base: int):
+def _processor(src: str, tokenizer: str | None, text_config, pinpoints: list[list[int]] | None):
     """The processor over the given tokenizer or the source's (None when neither): anyres with the source's
-    canvases, as the published SFT models were trained."""
+    canvases (`pinpoints`; None: the published ones), as the published SFT models were trained."""
     if tokenizer is None and not any(os.path.isfile(os.path.join(src, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
@@ -277,7 +278,6 @@ def _processor(src: str, config: dict, tokenizer: str | None, text_config, base:
 
     # the LLM's config, not SRC's llava_* one (transformers would warn that it does not know that type)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer or src, config=text_config)
-    pinpoints = grid_pinpoints(config.get("image_grid_pinpoints"), base)
     try:
         return OneVisionLlavaProcessor(tokenizer, pinpoints=ANYRES_PINPOINTS if pinpoints is None else pinpoints)
     except ValueError as e:
