@@ -180,8 +180,8 @@ class KeptPatchPainter:
 
     @staticmethod
     def held_bytes(frame, num_frames: int) -> int | None:
-        """The bytes `num_frames` such frames take held, or None if their pixel format cannot be painted
-        from its planes (8-bit planar YUV only)."""
+        """The bytes `num_frames` such frames take held at most (their whole planes: a crop holds less), or
+        None if their pixel format cannot be painted from its planes (8-bit planar YUV only)."""
         if frame.format.name not in PLANAR_YUV:
             return None
         sub_x, sub_y = PLANAR_YUV[frame.format.name]
