@@ -99,6 +99,7 @@ def run_probe(settings: ProbeSettings, model=None) -> dict:
     device = _rank_device(s.device)
     dtype = DTYPES[s.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     ranks = Ranks(device)
+    trainer = None
     try:
         backbone = load_backbone(model if model is not None else s.model).to(device).eval().requires_grad_(False)
         reader = _reader(backbone, s)
@@ -124,6 +125,8 @@ def run_probe(settings: ProbeSettings, model=None) -> dict:
         ranks.barrier()
         return report
     finally:
+        if trainer is not None:
+            trainer.unwrap()  # before the process group goes (`Ranks.close`)
         ranks.close()
 
 
@@ -184,6 +187,10 @@ class _Trainer:
         self.steps_per_epoch = math.ceil(len(labels) / s.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, 1.0, s.min_lr / s.lr,
                                                            total_iters=max(1, s.epochs * self.steps_per_epoch))
+
+    def unwrap(self) -> None:
+        """Drop the DDP wrapper, and with it DDP's hold on the process group (`Ranks.close` says why)."""
+        self.model = self.head
 
     def _shares(self, indices) -> list[list[int]]:
         """This rank's part of each global batch of `indices`."""

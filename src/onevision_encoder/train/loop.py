@@ -300,6 +300,7 @@ class Trainer:
             save_preprocessor_config(final, size=config.image_size_at(self.total_steps - 1))
             plot_losses(out)
         self.ranks.barrier()
+        self.model.unwrap()  # before the process group goes (`Ranks.close`)
         self.ranks.close()
         return final
 

@@ -45,6 +45,11 @@ class Backbone:
                     part.set_gradient_divide_factor(1.0)
                     part.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
 
+    def unwrap(self) -> None:
+        """Drop the DDP wrapper, and with it DDP's hold on the process group (`Ranks.close` says why); the
+        model stays as it is (FSDP shards in place)."""
+        self.module = self.model if self.strategy == "ddp" else self.module
+
     def __call__(self, **inputs):
         return self.module(**inputs)
 
