@@ -1,7 +1,12 @@
 """Shared test fixtures: tiny random transformers vision models, made locally with transformers' own config
-classes (no network), each with a preprocessor config so that its inputs stay small."""
+classes (no network), each with a preprocessor config so that its inputs stay small; and `torchrun`, which
+runs a command on several ranks and never leaves one behind."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -37,3 +42,26 @@ def tiny_dinov2(tmp_path_factory):
     model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(image_size=32, patch_size=8, num_register_tokens=2,
                                                                **TINY_WIDTH))
     return _save(model, tmp_path_factory.mktemp("dinov2"), 32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def _torchrun(nproc: int, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc-per-node N ARGS` (a free port of its own), one
+    thread a rank. On a timeout the whole process group goes, ranks included: killing torchrun alone once
+    left a hung rank running after the test had failed."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+            pytest.fail(f"{' '.join(args[:3])} on {nproc} ranks did not finish in {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """torchrun(nproc, *args, timeout=300, env=None) -> CompletedProcess (see `_torchrun`)."""
+    return _torchrun

@@ -211,18 +211,15 @@ def test_bad_inputs_and_unwritable_output_are_one_clear_error(media, tmp_path, c
     assert err.count("error:") == 1 and message in err, err
 
 
-def test_two_ranks_under_torchrun_resume_and_give_the_single_process_index(media, reference_dir, tmp_path):
+def test_two_ranks_under_torchrun_resume_and_give_the_single_process_index(media, reference_dir, tmp_path, torchrun):
     out = tmp_path / "features"
     # Start from a folder that a killed run left with one chunk done: the ranks share out the other three.
     (out / "shards").mkdir(parents=True)
     for name in ("settings.json", "shards/shard-00002.safetensors"):
         (out / name).write_bytes((reference_dir / name).read_bytes())
     done_before = (out / "shards/shard-00002.safetensors").stat().st_mtime_ns
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "onevision_encoder.cli", "encode", str(media), "--out", str(out), "--workers", "0", "--tokens",
-         *CLI_SETTINGS],
-        capture_output=True, text=True, timeout=300)
+    result = torchrun(2, "-m", "onevision_encoder.cli", "encode", str(media), "--out", str(out), "--workers", "0",
+                      "--tokens", *CLI_SETTINGS)
     assert result.returncode == 1, result.stderr  # the corrupt inputs failed, nothing else
     assert "encoded 5 of 7 inputs" in result.stderr and result.stderr.count("encoded 5 of 7") == 1
     assert (out / "shards/shard-00002.safetensors").stat().st_mtime_ns == done_before

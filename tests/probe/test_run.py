@@ -4,8 +4,6 @@ ranks giving the report of one."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -105,15 +103,12 @@ def test_other_encoders_probe_their_frame_tokens(which, dataset, tmp_path, reque
     assert report["cache"]["mean_tokens_per_clip"] == 8 * 16  # 8 frames of 4x4 patches, DINO's extras dropped
 
 
-def test_two_gloo_ranks_give_the_report_of_one(cached_run, dataset, tmp_path):
+def test_two_gloo_ranks_give_the_report_of_one(cached_run, dataset, tmp_path, torchrun):
     _, single = cached_run
     train, val = dataset
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613",
-               "-m", "onevision_encoder.cli", "probe", "--model", TINY, "--train", train, "--val", val,
-               "--out", str(out), "--epochs", "3", "--batch-size", "4", "--workers", "0"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun(2, "-m", "onevision_encoder.cli", "probe", "--model", TINY, "--train", train, "--val", val,
+                    "--out", str(out), "--epochs", "3", "--batch-size", "4", "--workers", "0")
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out / "report.json") as f:
         report = json.load(f)
