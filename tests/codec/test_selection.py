@@ -269,6 +269,22 @@ def test_motion_cells_fill_each_block_over_its_area_in_pixels():
     assert vx.sum() == 3 * 8 and np.count_nonzero(vy) == 8
 
 
+def test_motion_cells_drop_blocks_outside_the_frame_and_still_ones():
+    """A block past the frame's edge (coded rows below a 1080-line picture) and a still one add nothing, whether
+    the other blocks come with them or alone (the copy-free path taken when every block moves and lies inside)."""
+    dtype = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
+             ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
+    inside = [(-1, 16, 8, 0, 0, 8, 4, 0, 12, -4, 4), (-1, 8, 8, 0, 0, 20, 20, 0, -8, 6, 4)]
+    past_edge = (-1, 16, 16, 0, 0, 8, 40, 0, 100, 100, 4)  # rows 32..47 of a 32-row frame
+    still = (-1, 16, 16, 0, 0, 24, 8, 0, 0, 0, 4)
+    alone = motion_cells(np.array(inside, dtype=dtype), (8, 8))
+    mixed = motion_cells(np.array([inside[0], past_edge, still, inside[1]], dtype=dtype), (8, 8))
+    for a, b in zip(alone, mixed):
+        np.testing.assert_array_equal(a, b)
+    assert alone[0].sum() == 3 * 8 - 2 * 4 and np.count_nonzero(alone[1]) == 8 + 4
+    assert camera_free_motion(np.array([past_edge], dtype=dtype), (8, 8)).sum() == 0
+
+
 # --- bad input -------------------------------------------------------------------------------------------
 
 

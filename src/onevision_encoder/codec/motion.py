@@ -99,7 +99,8 @@ class _L0Blocks:
         moving = np.flatnonzero((mvs["source"] < 0) & ((mvs["motion_x"] | mvs["motion_y"]) != 0))
         if len(moving) == 0:
             return None
-        frame, mvs = frame[moving], mvs.view(records)[moving].view(mvs.dtype)
+        if len(moving) < len(mvs):  # "balanced" hands over moving L0 blocks only (`motion_vectors`): no copy
+            frame, mvs = frame[moving], mvs.view(records)[moving].view(mvs.dtype)
         rows, cols = grid
         # Whole-array integer ops, one selection at the end: a boolean mask on the structured array itself
         # cost more than everything else here together.
@@ -108,21 +109,24 @@ class _L0Blocks:
         shift = unit.bit_length() - 1  # >> shift: floor division by the unit
         c0, c1 = np.maximum(x0 >> shift, 0), np.minimum((x0 + w + unit - 1) >> shift, cols)
         r0, r1 = np.maximum(y0 >> shift, 0), np.minimum((y0 + h + unit - 1) >> shift, rows)
-        keep = np.flatnonzero((c1 > c0) & (r1 > r0))  # inside the frame
-        if len(keep) == 0:
+        inside = (c1 > c0) & (r1 > r0)
+        if not inside.any():
             return None
-        c0, c1, r0, r1 = c0[keep], c1[keep], r0[keep], r1[keep]
-        fraction = (np.minimum(w[keep], unit) * np.minimum(h[keep], unit) / unit**2).astype(np.float32)
-        scale = np.maximum(mvs["motion_scale"][keep], 1)
+        if not inside.all():  # as a rule every block is
+            keep = np.flatnonzero(inside)
+            frame, mvs, w, h = frame[keep], mvs.view(records)[keep].view(mvs.dtype), w[keep], h[keep]
+            c0, c1, r0, r1 = c0[keep], c1[keep], r0[keep], r1[keep]
+        fraction = (np.minimum(w, unit) * np.minimum(h, unit) / unit**2).astype(np.float32)
+        scale = np.maximum(mvs["motion_scale"], 1)
         low, high = int(scale.min()), int(scale.max())  # one scale a stream, as a rule (4: quarter-pel)
         scale = low if low == high else scale.astype(np.float32)
-        motion = np.empty(len(keep), np.complex64)
-        motion.real, motion.imag = mvs["motion_x"][keep] / scale, mvs["motion_y"][keep] / scale
+        motion = np.empty(len(mvs), np.complex64)
+        motion.real, motion.imag = mvs["motion_x"] / scale, mvs["motion_y"] / scale
         # every motion is a multiple of 1/steps pixel
         steps = low if low == high else int(np.lcm.reduce(np.unique(scale).astype(np.int64)))
         stride = cols + 1
         corners = np.stack([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
-        return cls(len(vectors), frame[keep], motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners, steps)
+        return cls(len(vectors), frame, motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners, steps)
 
     def camera_free(self, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """|v - median(v)| of each frame's blocks, the per-component medians of a frame weighted by the area
