@@ -246,15 +246,17 @@ class KeptPatchPainter:
 
     def _paint(self, slot: np.ndarray, row: np.ndarray, col: np.ndarray) -> torch.Tensor:
         p = self.patch
-        # U and V share their geometry: one batch of windows for both
-        yuv = torch.cat([self._resample((0,), slot, row, col), self._resample((1, 2), slot, row, col)])  # [3, K, p, p]
+        yuv = torch.empty(3, len(slot), p, p)
+        self._resample((0,), slot, row, col, yuv[:1])
+        self._resample((1, 2), slot, row, col, yuv[1:])  # U and V share their geometry: one batch of windows
         rgb = torch.addmm(self.offset.view(3, 1), self.matrix, yuv.view(3, -1))
         return rgb.round_().clamp_(0, 255).to(torch.uint8).view(3, -1, p, p).transpose(0, 1).contiguous()
 
-    def _resample(self, planes: tuple[int, ...], slot: np.ndarray, row: np.ndarray, col: np.ndarray) -> torch.Tensor:
-        """Planes of one geometry at the kept patches, floats `[planes, K, p, p]`: each patch's window gathered,
-        resampled along the columns (one product for all the windows of a patch column, which share their
-        weights), then along the rows."""
+    def _resample(self, planes: tuple[int, ...], slot: np.ndarray, row: np.ndarray, col: np.ndarray,
+                  out: torch.Tensor) -> None:
+        """Planes of one geometry at the kept patches into `out`, floats `[planes, K, p, p]`: each patch's window
+        gathered, resampled along the columns (one product for all the windows of a patch column, which share
+        their weights), then along the rows."""
         geometry, p, count = self.planes[planes[0]], self.patch, len(planes) * len(slot)
         rows, cols = geometry.rows, geometry.cols
         taps_y, (_, padded, taps_x) = rows.weights.shape[2], cols.weights.shape
@@ -268,9 +270,7 @@ class KeptPatchPainter:
         for c, lo, hi in _runs(col):
             torch.mm(windows[lo:hi].view(-1, taps_x), cols.weights[c].T, out=across[lo:hi].view(-1, padded))
         down = torch.bmm(rows.weights[torch.from_numpy(row)], across)[..., :p]  # [planes * K, p, p], by column
-        place = np.empty(count, np.int64)  # back to the order asked for
-        place[by_col] = np.arange(count)
-        return down.index_select(0, torch.from_numpy(place)).view(len(planes), -1, p, p)
+        out.view(count, p, p).index_copy_(0, torch.from_numpy(by_col), down)  # in the order asked for
 
 
 def _runs(values: np.ndarray):
