@@ -66,6 +66,32 @@ def test_reading_motion_vectors_lets_each_frame_go(tmp_path):
     assert {"motion_x", "motion_y", "motion_scale", "source"} <= set(kept[0].dtype.names)
 
 
+def test_motion_vectors_are_pyav_s_records_and_the_moving_l0_ones_a_subset(tmp_path):
+    """Read through NumPy's buffer view, the vectors are what PyAV's own `to_ndarray` gives, record for record;
+    `moving_l0` keeps exactly the past-referencing blocks that move, in order."""
+    import av
+    from av.sidedata.sidedata import SideDataContainer
+    from av.sidedata.sidedata import Type as SideDataType
+
+    path = write_video(tmp_path / "b.mp4", scene="pan", num_frames=20, width=W, height=H, bf=2)["path"]
+    compared = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.options = {"flags2": "+export_mvs"}
+        for frame in container.decode(stream):
+            side = SideDataContainer(frame).get(SideDataType.MOTION_VECTORS)
+            vectors, moving = motion_vectors(frame), motion_vectors(frame, moving_l0=True)
+            if side is None:
+                assert vectors is None and moving is None
+                continue
+            want = side.to_ndarray()
+            assert vectors.dtype == want.dtype and np.array_equal(vectors, want)
+            keep = (want["source"] < 0) & ((want["motion_x"] != 0) | (want["motion_y"] != 0))
+            assert np.array_equal(moving, want[keep])
+            compared += 1
+    assert compared > 10
+
+
 def test_probe_reads_presentation_numbers_only_when_asked(b_frame_video):
     path = b_frame_video["path"]
     assert probe_video(path).presentation_numbers is None
