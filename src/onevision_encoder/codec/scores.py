@@ -16,6 +16,7 @@ the sampled frames' luma cells (`block_matching.block_motion`).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,16 +41,39 @@ def _patch_sums(maps: np.ndarray, patch_size: int) -> torch.Tensor:
 
 
 def _picture_values(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The values of `maps[..., valid]`, as a copy of their own (the percentiles reorder it in place). The
-    work pixels that show picture are a rectangle (`_work_index`): slicing it out measured 25x faster than
-    gathering through the mask."""
+    """The values of `maps[..., valid]`. The work pixels that show picture are a rectangle (`_work_index`):
+    slicing it out measured 25x faster than gathering through the mask."""
     rows, cols = np.flatnonzero(valid.any(1)), np.flatnonzero(valid.any(0))
-    return maps[..., rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].copy()
+    return maps[..., rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def p95(values: np.ndarray) -> float:
+    """`np.percentile(values, 95)`, the same number, in a third to a half of the time on a clip's maps
+    (250,000 values). The percentile interpolates between the two order statistics at (n-1)*0.95; those are
+    found among the values above a threshold that nearly all of the top 10% pass (the 90th percentile of
+    every 8th value) instead of by partitioning all of them, and the same interpolation then runs on the
+    two (`np.quantile` of the pair at the same fraction goes through NumPy's own arithmetic). Where the
+    threshold misses (over 95% of the values at or below it: ties, such as a map that is 95% still), and for
+    small arrays, NumPy does it all."""
+    values = values.ravel()
+    n = len(values)
+    position = (n - 1) * 0.95
+    low = math.floor(position)
+    if n >= 1 << 14:
+        sample = values[::8].copy()
+        k = int(0.9 * (len(sample) - 1))
+        above = values > np.partition(sample, k)[k]
+        at_or_below = n - int(np.count_nonzero(above))  # the values above hold sorted positions at_or_below..n-1
+        if at_or_below <= low:
+            i = low - at_or_below
+            pair = np.partition(values[above], (i, i + 1))[i : i + 2]
+            return float(np.quantile(pair, position - low))
+    return float(np.percentile(values, 95))
 
 
 def _clip_p95(maps: np.ndarray, valid: np.ndarray, floor: float) -> np.ndarray:
-    p95 = float(np.percentile(_picture_values(maps[1:], valid), 95, overwrite_input=True)) if len(maps) > 1 else 0.0
-    return np.clip(maps / max(p95, floor), 0, 1)
+    scale = p95(_picture_values(maps[1:], valid)) if len(maps) > 1 else 0.0
+    return np.clip(maps / max(scale, floor), 0, 1)
 
 
 # Floors of the clip-level scaling: motion below 1 model pixel between samples and luma changes below 8 levels
