@@ -48,21 +48,20 @@ def _picture_values(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def p95(values: np.ndarray) -> float:
-    """`np.percentile(values, 95)`, the same number, in a third to a half of the time on a clip's maps
+    """`np.percentile(values, 95)`, the same number, in a quarter of the time or less on a clip's maps
     (250,000 values). The percentile interpolates between the two order statistics at (n-1)*0.95; those are
     found among the values above a threshold that nearly all of the top 10% pass (the 90th percentile of
-    every 8th value) instead of by partitioning all of them, and the same interpolation then runs on the
-    two (`np.quantile` of the pair at the same fraction goes through NumPy's own arithmetic). Where the
-    threshold misses (over 95% of the values at or below it: ties, such as a map that is 95% still), and for
-    small arrays, NumPy does it all."""
+    about 4096 of the values, evenly spread) instead of by partitioning all of them, and the same
+    interpolation then runs on the two (`np.quantile` of the pair at the same fraction goes through NumPy's
+    own arithmetic). Where the threshold misses (over 95% of the values at or below it: ties, such as a map
+    that is 95% still), and for small arrays, NumPy does it all."""
     values = values.ravel()
     n = len(values)
     position = (n - 1) * 0.95
     low = math.floor(position)
     if n >= 1 << 14:
-        sample = values[::8].copy()
-        k = int(0.9 * (len(sample) - 1))
-        above = values > np.partition(sample, k)[k]
+        sample = np.sort(values[:: n >> 12])  # about 4096 values; sorted, as a partition slows down on ties
+        above = values > sample[int(0.9 * (len(sample) - 1))]
         at_or_below = n - int(np.count_nonzero(above))  # the values above hold sorted positions at_or_below..n-1
         if at_or_below <= low:
             i = low - at_or_below
