@@ -111,8 +111,8 @@ class Ranks:
         """Leave the process group, if this object joined it. Free DDP wrappers before: DDP's reducer holds
         the group, and when the reducer lets go last, the group is destroyed with the GIL held, waiting for
         gloo's threads, one of which may be waiting for the GIL to free a finished collective: a deadlock at
-        exit (seen once in a two-rank probe run; `gdb` showed exactly that). Let go here instead, the group goes
-        through torch's own release, which drops the GIL first."""
+        exit (seen once in a two-rank probe run; `gdb` showed exactly that). With DDP gone first, the last
+        hold is the one let go here, through torch's own release, which drops the GIL before destroying."""
         if self._joined:
             import torch.distributed as dist
 

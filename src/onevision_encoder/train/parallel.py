@@ -48,7 +48,8 @@ class Backbone:
     def unwrap(self) -> None:
         """Drop the DDP wrapper, and with it DDP's hold on the process group (`Ranks.close` says why); the
         model stays as it is (FSDP shards in place)."""
-        self.module = self.model if self.strategy == "ddp" else self.module
+        if self.strategy == "ddp":
+            self.module = self.model
 
     def __call__(self, **inputs):
         return self.module(**inputs)
