@@ -46,17 +46,21 @@ def tiny_dinov2(tmp_path_factory):
 
 def _torchrun(nproc: int, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m torch.distributed.run --standalone --nproc-per-node N ARGS` (a free port of its own), one
-    thread a rank. On a timeout the whole process group goes, ranks included: killing torchrun alone once
-    left a hung rank running after the test had failed."""
+    thread a rank. On a timeout torchrun is asked to stop (SIGTERM), which stops its ranks first: each rank
+    runs in a session of its own, so killing torchrun outright (what `subprocess.run` does) left a hung rank
+    running after the test had failed."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            out, err = process.communicate()
+            process.send_signal(signal.SIGTERM)
+            try:
+                err = process.communicate(timeout=60)[1]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                err = "(torchrun did not stop its ranks within 60 s of SIGTERM; killed)"
             pytest.fail(f"{' '.join(args[:3])} on {nproc} ranks did not finish in {timeout} s:\n{err[-3000:]}")
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
