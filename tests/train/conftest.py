@@ -75,6 +75,27 @@ class _Ranks:
         return outputs[0][0], "".join(err for _, err in outputs)
 
 
+def _run_two_ranks(script: str, out_dir, timeout: float) -> None:
+    """Run `python SCRIPT OUT_DIR RANK` for ranks 0 and 1 (one thread each) and wait for both; the test fails,
+    with what they printed, if one hangs (both are killed) or exits with an error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, script, str(out_dir), str(rank)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    try:
+        outputs = [w.communicate(timeout=timeout)[0] for w in workers]
+    except subprocess.TimeoutExpired:
+        for w in workers:
+            w.kill()
+        pytest.fail(f"the two ranks did not finish in {timeout} s:\n" + "\n".join(w.communicate()[0] for w in workers))
+    assert [w.returncode for w in workers] == [0, 0], outputs
+
+
+@pytest.fixture(scope="session")
+def run_two_ranks():
+    """run_two_ranks(script, out_dir, timeout): the script's two gloo ranks, run to the end (`_run_two_ranks`)."""
+    return _run_two_ranks
+
+
 def _ove_train(*args, nproc: int = 1):
     """`ove train ARGS` in fresh processes (one thread each, as CI), one per rank with the environment torchrun
     gives (torchrun's own rendezvous is left out: on a busy machine it once hung another test)."""

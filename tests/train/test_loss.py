@@ -6,7 +6,6 @@ Run as a script (`test_loss.py OUT_DIR RANK`) this file is one rank of the two-r
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -175,17 +174,8 @@ def two_rank_step(out_dir: str, rank: int) -> None:
               os.path.join(out_dir, f"rank{rank}.safetensors"))
 
 
-def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(rank)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    try:
-        outputs = [worker.communicate(timeout=240)[0] for worker in workers]
-    except subprocess.TimeoutExpired:
-        for worker in workers:
-            worker.kill()
-        pytest.fail("the two ranks did not finish in 240 s:\n" + "\n".join(w.communicate()[0] for w in workers))
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
+def test_one_rank_and_two_gloo_ranks_give_the_same_loss_and_gradients(tmp_path, run_two_ranks):
+    run_two_ranks(__file__, tmp_path, timeout=240)
     ranks = [load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2)]
     assert ranks[0]["loss"] == ranks[1]["loss"]  # the same value on every rank
     backbone, inputs, labels, centres, _ = distributed_problem()

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import weakref
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 
@@ -53,17 +51,8 @@ def worker(out_dir: str, rank: int) -> None:
     dist.destroy_process_group()
 
 
-def test_unwrap_frees_ddp_before_the_process_group_goes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, __file__, str(tmp_path), str(rank)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    try:
-        outputs = [w.communicate(timeout=180)[0] for w in workers]
-    except subprocess.TimeoutExpired:
-        for w in workers:
-            w.kill()
-        pytest.fail("the two ranks did not finish in 180 s:\n" + "\n".join(w.communicate()[0] for w in workers))
-    assert [w.returncode for w in workers] == [0, 0], outputs
+def test_unwrap_frees_ddp_before_the_process_group_goes(tmp_path, run_two_ranks):
+    run_two_ranks(__file__, tmp_path, timeout=180)
     for rank in range(2):
         freed = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert freed == {"train": True, "train_module_is_model": True, "probe": True, "probe_model_is_head": True}
