@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from .cells import CELL, _WorkMap
 
+RADIUS, BLOCK = 4, 4  # the search: +-4 cells, over blocks of 4x4 cells (+-16 and 16 pixels for 4-pixel cells)
+
 
 @lru_cache(maxsize=4)
 def _search(radius: int):
@@ -24,7 +26,7 @@ def _search(radius: int):
     return shifts, grid_index, penalty.view(-1, 1, 1)
 
 
-def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = 4, block: int = 4, cell: int = CELL):
+def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = RADIUS, block: int = BLOCK, cell: int = CELL):
     """Motion (vx, vy) in decoded pixels per cell of `current`, from block matching against `previous`.
 
     For codecs whose decoder exports no motion vectors. Works on luma cells (`cell` pixels a side): blocks
@@ -73,19 +75,18 @@ def _block_shifts(previous: np.ndarray, current: np.ndarray, radius: int, block:
     return shifts[sad.index_select(0, grid_index).float().mul_(penalty).min(0).indices]
 
 
-def _block_motion_since(previous: Future, current: Future, wmap: _WorkMap, out: np.ndarray,
-                        block: int = 4) -> None:
+def _block_motion_since(previous: Future, current: Future, wmap: _WorkMap, out: np.ndarray) -> None:
     """Write the camera-free magnitude of the `block_motion` from `previous`'s luma cells to `current`'s
     (Futures of jobs submitted earlier to the same worker pool: taken first, so they finish) to `out`, on the
     working grid in model pixels. `_camera_free_magnitude` of the cells, worked out per block (a block's
     cells share its motion, so the median over cells is one over blocks weighted by their cells inside)."""
     cells = current.result()
-    v = (_block_shifts(previous.result(), cells, 4, block) * wmap.cell).float().numpy()  # [bh, bw, (y, x)]
+    v = (_block_shifts(previous.result(), cells, RADIUS, BLOCK) * wmap.cell).float().numpy()  # [bh, bw, (y, x)]
     h, w = cells.shape
-    inside = np.minimum(block, h - np.arange(v.shape[0]) * block)[:, None] * np.minimum(
-        block, w - np.arange(v.shape[1]) * block)[None, :]
+    inside = np.minimum(BLOCK, h - np.arange(v.shape[0]) * BLOCK)[:, None] * np.minimum(
+        BLOCK, w - np.arange(v.shape[1]) * BLOCK)[None, :]
     magnitude = np.hypot(v[..., 1] - _median(v[..., 1], inside), v[..., 0] - _median(v[..., 0], inside))
-    out[...] = wmap(np.repeat(np.repeat(magnitude, block, 0), block, 1)[:h, :w]) * wmap.scale
+    out[...] = wmap(np.repeat(np.repeat(magnitude, BLOCK, 0), BLOCK, 1)[:h, :w]) * wmap.scale
 
 
 def _median(values: np.ndarray, counts: np.ndarray) -> np.float32:

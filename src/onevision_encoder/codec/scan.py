@@ -128,7 +128,7 @@ def _worker_count(threads: int, bitstream: bool) -> int:
 
 @_torch_single_threaded()
 def _scan(video: VideoFile, num_frames, size, patch_size, resize, motion, progress, policy, threads,
-          pictures=True) -> VideoScan:
+          pictures) -> VideoScan:
     path = video.path
     info = video.info(timestamps=True)
     total = info.frame_count
