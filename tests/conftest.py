@@ -1,12 +1,14 @@
 """Shared test fixtures: tiny random transformers vision models, made locally with transformers' own config
-classes (no network), each with a preprocessor config so that its inputs stay small; and `torchrun`, which
-runs a command on several ranks and never leaves one behind."""
+classes (no network), each with a preprocessor config so that its inputs stay small; the published selection
+of the shared real clip; `torch_threads`; and `torchrun`, which runs a command on several ranks and never
+leaves one behind."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -69,3 +71,33 @@ def _torchrun(nproc: int, *args: str, timeout: float = 300, env: dict | None = N
 def torchrun():
     """torchrun(nproc, *args, timeout=300, env=None) -> CompletedProcess (see `_torchrun`)."""
     return _torchrun
+
+
+@pytest.fixture(scope="session")
+def published_selection() -> str:
+    """`shared/reference-selection`: the shared real clip and the published pipeline's selection on it. shared/
+    sits beside the repository (CI, the main checkout); OVE_SHARED names it from elsewhere (a worktree).
+    Skips the test without it."""
+    shared = os.environ.get("OVE_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+    folder = os.path.join(shared, "reference-selection")
+    if not os.path.isdir(folder):
+        pytest.skip(f"no published selection at {folder} (the shared/ folder beside the repository, or $OVE_SHARED)")
+    return folder
+
+
+@contextmanager
+def _torch_threads(n: int):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    """`with torch_threads(n):` torch on n threads inside, as it was after."""
+    return _torch_threads

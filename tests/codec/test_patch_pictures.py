@@ -1,7 +1,6 @@
 """Kept patches painted from the decoded planes after the choice, against whole pictures made while decoding."""
 
 import os
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -15,8 +14,6 @@ from onevision_encoder.codec.patch_pictures import PatchWindows, axis_weights
 from onevision_encoder.processing import normalize, patchify
 from onevision_encoder.synthetic import write_video
 
-SHARED_CLIP = os.path.join(os.environ.get("OVE_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "..",
-                                                                      "shared")), "reference-selection", "clip.mp4")
 
 
 def _dense(starts, weights, length):
@@ -53,16 +50,6 @@ def test_patch_windows_fold_subsampled_samples(factor):
     assert np.abs(got - want).max() < 1e-5
 
 
-@contextmanager
-def torch_threads(n):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _compare(path, budget, size=224, patch_size=14, resize="crop"):
     """The kept patches of a selection painted from held frames vs cut from whole pictures made while decoding
     (FFmpeg's RGB, torch's resize): mean absolute difference and PSNR over the picture's pixels, in levels."""
@@ -91,12 +78,12 @@ def test_painted_patches_match_whole_pictures(tmp_path, options):
         assert diff.max() < 64  # no misplaced window: those differ by the picture's contrast
 
 
-@pytest.mark.skipif(not os.path.exists(SHARED_CLIP), reason="needs ../shared/reference-selection/clip.mp4")
-def test_painted_patches_on_real_footage():
+def test_painted_patches_on_real_footage(published_selection):
     """The shared real clip (BT.709, portrait), both geometries of the published paths."""
-    diff, psnr = _compare(SHARED_CLIP, budget=2048)
+    clip = os.path.join(published_selection, "clip.mp4")
+    diff, psnr = _compare(clip, budget=2048)
     assert psnr > 40 and diff.mean() < 2
-    diff, psnr = _compare(SHARED_CLIP, budget=10368, size=576, patch_size=16, resize="letterbox")
+    diff, psnr = _compare(clip, budget=10368, size=576, patch_size=16, resize="letterbox")
     assert psnr > 40 and diff.mean() < 2
 
 
@@ -115,7 +102,7 @@ def test_frames_too_large_to_hold_or_not_planar_get_pictures_while_decoding(tmp_
     assert torch.equal(clip.pixel_values, normalize(whole.geometry.to_float(whole.kept_pictures(clip.kept))).flatten(1))
 
 
-def test_a_selection_is_the_same_whatever_the_threads_and_keep_frames(tmp_path):
+def test_a_selection_is_the_same_whatever_the_threads_and_keep_frames(tmp_path, torch_threads):
     """One way to pixels per video: the same patches in one torch thread (no workers, as in DataLoader workers)
     and in two (workers beside the decoder), with or without the frames kept for display, which show them."""
     meta = write_video(tmp_path / "v.mp4", num_frames=40, width=160, height=96)

@@ -14,10 +14,6 @@ from onevision_encoder.codec.reference import frame_difference, reference_motion
 from onevision_encoder.codec.video import motion_vectors
 from onevision_encoder.synthetic import write_video
 
-REPO = os.path.join(os.path.dirname(__file__), "..", "..")
-# shared/ sits beside the repository (CI, the main checkout); OVE_SHARED names it from elsewhere (a worktree)
-SHARED = os.environ.get("OVE_SHARED", os.path.join(REPO, "..", "shared"))
-PUBLISHED = os.path.join(SHARED, "reference-selection")
 DTYPE = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
          ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
 
@@ -102,12 +98,11 @@ def _agreement(path, published):
     return clip, float(clip.kept[later[:, 0], later[:, 1], later[:, 2]].float().mean())
 
 
-@pytest.mark.skipif(not os.path.isdir(PUBLISHED), reason=f"no published selection at {PUBLISHED} "
-                    "(the shared/ folder beside the repository, or $OVE_SHARED)")
-def test_reference_agrees_with_the_published_selection_on_real_footage():
-    published = np.load(os.path.join(PUBLISHED, "published.visidx_thw.npy"))
-    clip, agreement = _agreement(os.path.join(PUBLISHED, "clip.mp4"), published)
-    assert np.array_equal(clip.frame_ids.numpy(), np.load(os.path.join(PUBLISHED, "published.frame_ids.npy")))
+def test_reference_agrees_with_the_published_selection_on_real_footage(published_selection):
+    published = np.load(os.path.join(published_selection, "published.visidx_thw.npy"))
+    clip, agreement = _agreement(os.path.join(published_selection, "clip.mp4"), published)
+    frame_ids = np.load(os.path.join(published_selection, "published.frame_ids.npy"))
+    assert np.array_equal(clip.frame_ids.numpy(), frame_ids)
     assert len(clip) == len(published) and clip.kept[0].all()
     assert agreement >= 0.85, f"reference keeps {agreement:.3f} of the published patches of frames 1..63"
     # the same kept set as the published one in its own form: padding never chosen after frame 0

@@ -35,6 +35,9 @@ from onevision_encoder.codec.video import VideoFile, motion_vectors
 SIZE, P = 224, 14
 ROWS = SIZE // P
 W, H = 192, 144  # small frames keep encoding and decoding fast
+# FFmpeg's AVMotionVector, as PyAV exports it
+MV_DTYPE = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
+            ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +262,9 @@ def test_replenishment_psnr_rewards_keeping_what_changes(videos):
 
 
 def test_motion_cells_fill_each_block_over_its_area_in_pixels():
-    dtype = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
-             ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
     mvs = np.array([(-1, 16, 8, 0, 0, 8, 4, 0, 12, -4, 4),  # 16x8 block at the top-left, (3, -1) px
                     (1, 8, 8, 0, 0, 20, 20, 0, 40, 40, 4)],  # future reference (L1): ignored
-                   dtype=dtype)
+                   dtype=MV_DTYPE)
     vx, vy = motion_cells(mvs, (8, 8))
     assert np.all(vx[:2, :4] == 3) and np.all(vy[:2, :4] == -1)
     assert vx.sum() == 3 * 8 and np.count_nonzero(vy) == 8
@@ -272,17 +273,15 @@ def test_motion_cells_fill_each_block_over_its_area_in_pixels():
 def test_motion_cells_drop_blocks_outside_the_frame_and_still_ones():
     """A block past the frame's edge (coded rows below a 1080-line picture) and a still one add nothing, whether
     the other blocks come with them or alone (the copy-free path taken when every block moves and lies inside)."""
-    dtype = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
-             ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
     inside = [(-1, 16, 8, 0, 0, 8, 4, 0, 12, -4, 4), (-1, 8, 8, 0, 0, 20, 20, 0, -8, 6, 4)]
     past_edge = (-1, 16, 16, 0, 0, 8, 40, 0, 100, 100, 4)  # rows 32..47 of a 32-row frame
     still = (-1, 16, 16, 0, 0, 24, 8, 0, 0, 0, 4)
-    alone = motion_cells(np.array(inside, dtype=dtype), (8, 8))
-    mixed = motion_cells(np.array([inside[0], past_edge, still, inside[1]], dtype=dtype), (8, 8))
+    alone = motion_cells(np.array(inside, dtype=MV_DTYPE), (8, 8))
+    mixed = motion_cells(np.array([inside[0], past_edge, still, inside[1]], dtype=MV_DTYPE), (8, 8))
     for a, b in zip(alone, mixed):
         np.testing.assert_array_equal(a, b)
     assert alone[0].sum() == 3 * 8 - 2 * 4 and np.count_nonzero(alone[1]) == 8 + 4
-    assert camera_free_motion(np.array([past_edge], dtype=dtype), (8, 8)).sum() == 0
+    assert camera_free_motion(np.array([past_edge], dtype=MV_DTYPE), (8, 8)).sum() == 0
 
 
 # --- bad input -------------------------------------------------------------------------------------------
@@ -503,17 +502,13 @@ def test_motion_of_several_frames_worked_out_together_is_the_sum_of_each(tmp_pat
 
 
 @pytest.mark.parametrize("codec", ["h264", "hevc"])
-def test_scan_without_worker_threads_equals_the_threaded_scan(videos, codec):
+def test_scan_without_worker_threads_equals_the_threaded_scan(videos, codec, torch_threads):
     """With one torch thread (as in a DataLoader worker) everything runs inline, with the same result."""
     path = videos[codec]["path"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         threaded = scan_video(path)
-        torch.set_num_threads(1)
+    with torch_threads(1):
         inline = scan_video(path)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(threaded.pictures, inline.pictures)
     for name in ("own_motion", "residual", "motion_since", "change_since"):
         np.testing.assert_array_equal(getattr(threaded, name), getattr(inline, name))
