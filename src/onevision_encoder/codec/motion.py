@@ -63,7 +63,9 @@ class _MotionSince:
 class _L0Blocks:
     """Some frames' moving past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares:
     frame [n] which of the frames a block belongs to; motion [n] as vx + i*vy in decoded pixels (sub-pel units
-    divided out by motion_scale); fraction [n] of a square that a block smaller than one covers (1 otherwise); area
+    divided out by motion_scale); steps (motion comes in multiples of 1/steps pixel, 4 for quarter-pel) and
+    keys the motion in those steps, integers (vx * steps, vy * steps), two arrays [n]; fraction [n] of a square that a block
+    smaller than one covers (1 otherwise); area
     [n] in squares inside the frame (times the fraction); corners [4, n] flat indices (r0,c0), (r0,c1),
     (r1,c0), (r1,c1) into a (rows+1) x (cols+1) difference array, so that filling every rectangle is one
     bincount and two cumsums.
@@ -75,10 +77,11 @@ class _L0Blocks:
     frames: int
     frame: np.ndarray
     motion: np.ndarray
+    steps: int
+    keys: tuple[np.ndarray, np.ndarray]
     fraction: np.ndarray
     area: np.ndarray
     corners: np.ndarray
-    steps: int = 0  # motion comes in multiples of 1/steps pixel (4: quarter-pel); 0: unknown
 
     @classmethod
     def of(cls, vectors: list[np.ndarray | None], grid: tuple[int, int], unit: int = MV_GRID) -> "_L0Blocks | None":
@@ -116,17 +119,19 @@ class _L0Blocks:
             keep = np.flatnonzero(inside)
             frame, mvs, w, h = frame[keep], mvs.view(records)[keep].view(mvs.dtype), w[keep], h[keep]
             c0, c1, r0, r1 = c0[keep], c1[keep], r0[keep], r1[keep]
-        fraction = (np.minimum(w, unit) * np.minimum(h, unit) / unit**2).astype(np.float32)
+        fraction = np.minimum(w, unit) * np.minimum(h, unit) / unit**2  # float64, exact (multiples of 1/256)
         scale = np.maximum(mvs["motion_scale"], 1)
         low, high = int(scale.min()), int(scale.max())  # one scale a stream, as a rule (4: quarter-pel)
-        scale = low if low == high else scale.astype(np.float32)
-        motion = np.empty(len(mvs), np.complex64)
-        motion.real, motion.imag = mvs["motion_x"] / scale, mvs["motion_y"] / scale
-        # every motion is a multiple of 1/steps pixel
+        keys = mvs["motion_x"], mvs["motion_y"]
         steps = low if low == high else int(np.lcm.reduce(np.unique(scale).astype(np.int64)))
-        stride = cols + 1
-        corners = np.stack([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
-        return cls(len(vectors), frame, motion, fraction, (r1 - r0) * (c1 - c0) * fraction, corners, steps)
+        if low != high:  # every motion a multiple of 1/steps pixel
+            keys = tuple(k * (steps // scale) for k in keys)
+        motion = np.empty(len(mvs), np.complex64)
+        motion.real, motion.imag = keys[0] / steps, keys[1] / steps  # the same numbers as motion_x / motion_scale
+        row_edges, col_edges = np.stack([r0, r1]), np.stack([c0, c1])
+        corners = (row_edges[:, None] * (cols + 1) + col_edges[None]).reshape(4, -1)  # (r0,c0), (r0,c1), ...
+        area = (r1 - r0) * (c1 - c0) * fraction
+        return cls(len(vectors), frame, motion, steps, keys, fraction, area, corners)
 
     def camera_free(self, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """|v - median(v)| of each frame's blocks, the per-component medians of a frame weighted by the area
@@ -134,33 +139,36 @@ class _L0Blocks:
         counting as still.
         Returns per frame the value of its uncovered squares, |median|, and per block its |v - median| minus
         its frame's |median|."""
-        uncovered = np.maximum(grid[0] * grid[1] - np.bincount(self.frame, self.area, self.frames), 0)
+        covered = np.bincount(self.frame, self.area, self.frames)
+        uncovered = np.maximum(grid[0] * grid[1] - covered, 0)
         frame = np.concatenate([self.frame, np.arange(self.frames)])  # one still entry per frame
-        values = np.concatenate([self.motion, np.zeros(self.frames, np.complex64)])
         weights = np.concatenate([self.area, uncovered])
-        median = (_weighted_medians(values.real, weights, frame, self.steps)
-                  + 1j * _weighted_medians(values.imag, weights, frame, self.steps))
+        still = np.zeros(self.frames, np.int64)
+        keys = [np.concatenate([k, still]) for k in self.keys]
+        totals = covered + uncovered  # each frame's weight, summed in the order of `weights`
+        median = (_weighted_medians(keys[0], weights, frame, totals)
+                  + 1j * _weighted_medians(keys[1], weights, frame, totals)) / self.steps
+        median = median.astype(np.complex64)
         base = np.abs(median)
         return base, (np.abs(self.motion - median[self.frame]) - base[self.frame]).astype(np.float32)
 
 
-def _weighted_medians(values: np.ndarray, weights: np.ndarray, group: np.ndarray, steps: int = 0) -> np.ndarray:
-    """Per group g = 0, 1, ...: the weighted median of its values (the first value, in sorted order, at which
-    the cumulative weight reaches half the group's total; weights are multiples of 1/256, so sums are exact).
-    steps: when every value is a multiple of 1/steps (motion in sub-pel units), one weighted histogram per
-    group finds the same medians as sorting, about 10x faster; otherwise one sort serves all groups."""
-    totals = np.bincount(group, weights)
-    if steps:
-        keys = np.rint(values * steps).astype(np.int64)
-        low, span = int(keys.min()), int(keys.max() - keys.min()) + 1
-        if len(totals) * span <= 1 << 20:  # motion within a few hundred pixels
-            histogram = np.bincount(group * span + (keys - low), weights, len(totals) * span)
-            reached = histogram.reshape(len(totals), span).cumsum(1) >= totals[:, None] / 2
-            return ((reached.argmax(1) + low) / steps).astype(values.dtype)
-    order = np.lexsort((values, group))  # by group, then value
+def _weighted_medians(keys: np.ndarray, weights: np.ndarray, group: np.ndarray, totals: np.ndarray,
+                      histogram_cells: int = 1 << 20) -> np.ndarray:
+    """Per group g = 0, 1, ...: the weighted median of its integer keys (the first key, in sorted order, at
+    which the cumulative weight reaches half the group's total `totals[g]`; weights are multiples of 1/256, so
+    sums are exact). While the histograms take at most `histogram_cells` (motion within a few hundred pixels, in
+    sub-pel steps), one weighted histogram per group finds them, about 10x faster than sorting; beyond, one sort
+    serves all groups."""
+    low, span = int(keys.min()), int(keys.max() - keys.min()) + 1
+    if len(totals) * span <= histogram_cells:
+        histogram = np.bincount(group * span + (keys - low), weights, len(totals) * span)
+        reached = histogram.reshape(len(totals), span).cumsum(1) >= totals[:, None] / 2
+        return reached.argmax(1) + low
+    order = np.lexsort((keys, group))  # by group, then key
     cumulative = np.cumsum(weights[order], dtype=np.float64)
     starts = np.concatenate([[0.0], np.cumsum(totals)[:-1]])
-    return values[order][np.searchsorted(cumulative, starts + totals / 2)]
+    return keys[order][np.searchsorted(cumulative, starts + totals / 2)]
 
 
 class _BlockCanvas:
@@ -194,7 +202,7 @@ class _BlockCanvas:
         squares = None
         if blocks is not None:
             # torch, not NumPy: 2-4x faster cumulative sums here, and it lets the decoding thread have the GIL
-            values = torch.from_numpy(values * blocks.fraction.astype(np.float64))
+            values = torch.from_numpy(values * blocks.fraction)
             corners = blocks.corners if group is None else blocks.corners + group * ((rows + 1) * (cols + 1))
             diff = torch.bincount(torch.from_numpy(corners.ravel()), torch.cat([values, -values, -values, values]),
                                   groups * (rows + 1) * (cols + 1)).view(groups, rows + 1, cols + 1)
