@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from onevision_encoder import select_patches
+from onevision_encoder.codec import patch_pictures
 from onevision_encoder.codec import scan as scan_module
 from onevision_encoder.codec import scan_video
 from onevision_encoder.codec.patch_pictures import PatchWindows, axis_weights
@@ -85,6 +86,29 @@ def test_painted_patches_on_real_footage(published_selection):
     assert psnr > 40 and diff.mean() < 2
     diff, psnr = _compare(clip, budget=10368, size=576, patch_size=16, resize="letterbox")
     assert psnr > 40 and diff.mean() < 2
+
+
+def test_chunks_cover_each_entry_once_in_runs_of_one_value():
+    values = np.sort(np.random.default_rng(2).integers(0, 9, 500))
+    for size in (1, 7, 64, 1000):
+        covered = []
+        for lo, hi, pieces in patch_pictures._chunks(values, size):
+            assert 0 < hi - lo <= size and pieces[0][1] == 0 and pieces[-1][2] == hi - lo
+            for value, start, end in pieces:
+                assert (values[lo + start : lo + end] == value).all()
+                covered.extend(range(lo + start, lo + end))
+        assert covered == list(range(len(values)))
+
+
+def test_painting_in_chunks_gives_the_same_pixels(tmp_path, monkeypatch):
+    """A few windows at a time (windows of one patch column split across chunks) or all at once: the same bits."""
+    meta = write_video(tmp_path / "v.mp4", num_frames=40, width=320, height=240)
+    scan = scan_video(meta["path"], pictures=False)
+    kept = select_patches(meta["path"], budget=1024).kept
+    monkeypatch.setattr(patch_pictures, "CHUNK_BYTES", 1 << 40)
+    at_once = scan.kept_pictures(kept)
+    monkeypatch.setattr(patch_pictures, "CHUNK_BYTES", 20_000)  # a handful of windows a chunk
+    assert torch.equal(scan.kept_pictures(kept), at_once)
 
 
 def test_frames_too_large_to_hold_or_not_planar_get_pictures_while_decoding(tmp_path, monkeypatch):
