@@ -246,33 +246,35 @@ class KeptPatchPainter:
 
     def _paint(self, slot: np.ndarray, row: np.ndarray, col: np.ndarray) -> torch.Tensor:
         p = self.patch
-        yuv = torch.empty(3, len(slot), p, p)
+        by_col = np.argsort(col, kind="stable")  # the windows of a patch column side by side
+        slot, row, col = slot[by_col], row[by_col], col[by_col]
+        yuv = torch.empty(3, len(slot), p, p)  # in by_col order
         self._resample((0,), slot, row, col, yuv[:1])
         self._resample((1, 2), slot, row, col, yuv[1:])  # U and V share their geometry: one batch of windows
         rgb = torch.addmm(self.offset.view(3, 1), self.matrix, yuv.view(3, -1))
-        return rgb.round_().clamp_(0, 255).to(torch.uint8).view(3, -1, p, p).transpose(0, 1).contiguous()
+        rgb = rgb.round_().clamp_(0, 255).to(torch.uint8).view(3, -1, p, p).transpose(0, 1)
+        asked = np.empty_like(by_col)
+        asked[by_col] = np.arange(len(by_col))
+        return rgb[torch.from_numpy(asked)]  # in the order asked for: one gather of the uint8 patches
 
     def _resample(self, planes: tuple[int, ...], slot: np.ndarray, row: np.ndarray, col: np.ndarray,
                   out: torch.Tensor) -> None:
-        """Planes of one geometry at the kept patches into `out`, floats `[planes, K, p, p]`: each patch's window
-        gathered, resampled along the columns (one product for the windows of a patch column, which share
-        their weights), then along the rows; about a megabyte of windows at a time (`CHUNK_BYTES`)."""
+        """Planes of one geometry at the kept patches (sorted by column) into `out`, floats `[planes, K, p, p]`:
+        each patch's window gathered, resampled along the columns (one product for the windows of a patch
+        column, which share their weights), then along the rows; about a megabyte of windows at a time
+        (`CHUNK_BYTES`)."""
         geometry, p = self.planes[planes[0]], self.patch
         rows, cols = geometry.rows, geometry.cols
         taps_y, (_, padded, taps_x) = rows.weights.shape[2], cols.weights.shape
-        plane = np.repeat(np.arange(len(planes)), len(slot))
-        slot, row, col = np.tile(slot, len(planes)), np.tile(row, len(planes)), np.tile(col, len(planes))
-        by_col = np.argsort(col, kind="stable")  # the windows of a patch column side by side
-        slot, row, col, plane = slot[by_col], row[by_col], col[by_col], plane[by_col]
-        windows, order, out = self._windows(planes, taps_y, taps_x), torch.from_numpy(by_col), out.view(-1, p, p)
-        for lo, hi, pieces in _chunks(col, max(1, CHUNK_BYTES // (4 * taps_y * taps_x))):
-            pixels = windows[slot[lo:hi], plane[lo:hi], rows.first[row[lo:hi]], cols.first[col[lo:hi]]]
-            pixels = torch.from_numpy(pixels).float()
-            across = torch.empty(hi - lo, taps_y, padded)
+        windows = self._windows(planes, taps_y, taps_x)
+        for lo, hi, pieces in _chunks(col, max(1, CHUNK_BYTES // (4 * len(planes) * taps_y * taps_x))):
+            # [patches, planes, taps_y, taps_x]
+            pixels = torch.from_numpy(windows[slot[lo:hi], :, rows.first[row[lo:hi]], cols.first[col[lo:hi]]]).float()
+            across = torch.empty(hi - lo, len(planes), taps_y, padded)
             for c, start, end in pieces:
                 torch.mm(pixels[start:end].view(-1, taps_x), cols.weights[c].T, out=across[start:end].view(-1, padded))
-            down = torch.bmm(rows.weights[torch.from_numpy(row[lo:hi])], across)
-            out.index_copy_(0, order[lo:hi], down[..., :p])  # in the order asked for
+            down = torch.matmul(rows.weights[torch.from_numpy(row[lo:hi])].unsqueeze(1), across)
+            out[:, lo:hi] = down[..., :p].transpose(0, 1)
 
 
 # Float windows resampled at once: they stay in the cache through both products, and the memory a painting
