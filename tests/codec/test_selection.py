@@ -460,7 +460,7 @@ def test_motion_on_16_pixel_cells_is_the_mean_of_the_4_pixel_cells(tmp_path):
 
 @pytest.mark.parametrize("setting", ["inline", "one-interval-batches", "several-threads"])
 def test_motion_since_is_the_same_inline_and_one_interval_at_a_time(videos, monkeypatch, setting):
-    """The default (the workers' pool, 8 intervals a batch) against summing inline, against batches of one
+    """The default (the workers' pool, batches of up to 65,536 blocks) against summing inline, against batches of one
     interval (fails if a batch writes its sums to the wrong slots), and against one-interval batches worked
     out by several threads at once, finishing in any order."""
     from concurrent.futures import ThreadPoolExecutor
@@ -471,8 +471,8 @@ def test_motion_since_is_the_same_inline_and_one_interval_at_a_time(videos, monk
     default = scan_video(path, policy="balanced")
     make = _MotionSince.__init__
     with ThreadPoolExecutor(3) as pool:
-        change = {"inline": {"pool": None}, "one-interval-batches": {"batch": 1},
-                  "several-threads": {"pool": pool, "batch": 1}}[setting]
+        change = {"inline": {"pool": None}, "one-interval-batches": {"batch_intervals": 1},
+                  "several-threads": {"pool": pool, "batch_intervals": 1}}[setting]
         changed = lambda self, *args, **kw: make(self, *args, **{**kw, **change})  # noqa: E731
         monkeypatch.setattr(_MotionSince, "__init__", changed)
         other = scan_video(path, policy="balanced")

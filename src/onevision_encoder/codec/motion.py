@@ -17,17 +17,21 @@ from .workers import _submit
 class _MotionSince:
     """Camera-free motion summed over each interval between sampled frames (`_BlockCanvas`), written to
     `out[slot]` on the working grid in model pixels. Each interval's vectors are gathered as decoding goes
-    and worked out `batch` intervals at a time: the work is a few dozen NumPy calls whatever their size,
-    and one interval at a time spent most of the time on the calls (2.4x slower at 640x360, measured).
-    Runs in `pool` (None: in the calling thread) while the main thread waits on the decoder (which releases
-    the GIL); batches write disjoint slots, in any order. Holds the vectors of at most `batch` intervals."""
+    and worked out several intervals at a time: the work is a few dozen NumPy calls whatever their size, and
+    one interval at a time spent most of the time on the calls (2.4x slower at 640x360, measured). A batch
+    goes once it holds `batch_blocks` blocks or `batch_intervals` intervals: on small frames (176x144, a
+    hundred blocks a frame) batches of 8 intervals still spent most of their time on the calls. Runs in
+    `pool` (None: in the calling thread) while the main thread waits on the decoder (which releases the GIL);
+    batches write disjoint slots, in any order, and give the same maps whatever their size."""
 
     def __init__(self, canvas: "_BlockCanvas", wmap: _WorkMap, out: np.ndarray, pool: ThreadPoolExecutor | None,
-                 batch: int = 8):
-        self.canvas, self.wmap, self.out, self.pool, self.batch = canvas, wmap, out, pool, batch
+                 batch_blocks: int = 1 << 16, batch_intervals: int = 64):
+        self.canvas, self.wmap, self.out, self.pool = canvas, wmap, out, pool
+        self.batch_blocks, self.batch_intervals = batch_blocks, batch_intervals
         self.jobs: deque = deque()
         self.vectors: list[np.ndarray] = []  # of the interval going on
         self.intervals: list[tuple[int, list[np.ndarray]]] = []  # (slot, vectors) ended, not worked out yet
+        self.blocks = 0  # in `intervals`
 
     def add(self, vectors: np.ndarray) -> None:
         self.vectors.append(vectors)
@@ -36,7 +40,8 @@ class _MotionSince:
         """The interval going on ends at a sampled frame: its sum goes to out[slot] (None: dropped)."""
         if slot is not None:
             self.intervals.append((slot, self.vectors))
-            if len(self.intervals) >= self.batch:
+            self.blocks += sum(len(v) for v in self.vectors)
+            if self.blocks >= self.batch_blocks or len(self.intervals) >= self.batch_intervals:
                 self._flush()
         self.vectors = []
 
@@ -48,7 +53,7 @@ class _MotionSince:
     def _flush(self) -> None:
         if self.intervals:
             self.jobs.append(_submit(self.pool, self._work_out, self.intervals))
-            self.intervals = []
+            self.intervals, self.blocks = [], 0
         while self.jobs and self.jobs[0].done():
             self.jobs.popleft().result()  # raises a worker's error here
 
