@@ -460,7 +460,7 @@ def test_motion_on_16_pixel_cells_is_the_mean_of_the_4_pixel_cells(tmp_path):
 
 @pytest.mark.parametrize("setting", ["inline", "one-interval-batches", "several-threads"])
 def test_motion_since_is_the_same_inline_and_one_interval_at_a_time(videos, monkeypatch, setting):
-    """The default (the workers' pool, batches of up to 65,536 blocks) against summing inline, against batches of one
+    """The default (the workers' pool, 8 intervals a batch) against summing inline, against batches of one
     interval (fails if a batch writes its sums to the wrong slots), and against one-interval batches worked
     out by several threads at once, finishing in any order."""
     from concurrent.futures import ThreadPoolExecutor

@@ -18,16 +18,18 @@ class _MotionSince:
     """Camera-free motion summed over each interval between sampled frames (`_BlockCanvas`), written to
     `out[slot]` on the working grid in model pixels. Each interval's vectors are gathered as decoding goes
     and worked out several intervals at a time: the work is a few dozen NumPy calls whatever their size, and
-    one interval at a time spent most of the time on the calls (2.4x slower at 640x360, measured). A batch
-    goes once it holds `batch_blocks` blocks or `batch_intervals` intervals: on small frames (176x144, a
-    hundred blocks a frame) batches of 8 intervals still spent most of their time on the calls. Runs in
-    `pool` (None: in the calling thread) while the main thread waits on the decoder (which releases the GIL);
-    batches write disjoint slots, in any order, and give the same maps whatever their size."""
+    one interval at a time spent most of the time on the calls (2.4x slower at 640x360, measured).
+    Runs in `pool` while the main thread waits on the decoder (which releases the GIL), 8 intervals a batch,
+    so that the last batch, worked out once decoding has ended, is small. In the calling thread (pool None,
+    `ove encode`'s loaders) a batch holds up to `batch_blocks` blocks or 64 intervals: on small frames
+    (176x144, a hundred blocks a frame) batches of 8 intervals still spent most of their time on the calls.
+    Batches write disjoint slots, in any order, and give the same maps whatever their size."""
 
     def __init__(self, canvas: "_BlockCanvas", wmap: _WorkMap, out: np.ndarray, pool: ThreadPoolExecutor | None,
-                 batch_blocks: int = 1 << 16, batch_intervals: int = 64):
+                 batch_intervals: int | None = None, batch_blocks: int = 1 << 16):
         self.canvas, self.wmap, self.out, self.pool = canvas, wmap, out, pool
-        self.batch_blocks, self.batch_intervals = batch_blocks, batch_intervals
+        self.batch_intervals = batch_intervals or (8 if pool is not None else 64)
+        self.batch_blocks = batch_blocks if pool is None else float("inf")
         self.jobs: deque = deque()
         self.vectors: list[np.ndarray] = []  # of the interval going on
         self.intervals: list[tuple[int, list[np.ndarray]]] = []  # (slot, vectors) ended, not worked out yet
@@ -41,7 +43,7 @@ class _MotionSince:
         if slot is not None:
             self.intervals.append((slot, self.vectors))
             self.blocks += sum(len(v) for v in self.vectors)
-            if self.blocks >= self.batch_blocks or len(self.intervals) >= self.batch_intervals:
+            if len(self.intervals) >= self.batch_intervals or self.blocks >= self.batch_blocks:
                 self._flush()
         self.vectors = []
 
