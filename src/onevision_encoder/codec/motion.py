@@ -71,11 +71,10 @@ class _L0Blocks:
     """Some frames' moving past-referencing (L0) blocks as rectangles on a grid of `unit`-pixel squares:
     frame [n] which of the frames a block belongs to; motion [n] as vx + i*vy in decoded pixels (sub-pel units
     divided out by motion_scale); steps (motion comes in multiples of 1/steps pixel, 4 for quarter-pel) and
-    keys the motion in those steps, integers (vx * steps, vy * steps), two arrays [n]; fraction [n] of a square that a block
-    smaller than one covers (1 otherwise); area
-    [n] in squares inside the frame (times the fraction); corners [4, n] flat indices (r0,c0), (r0,c1),
-    (r1,c0), (r1,c1) into a (rows+1) x (cols+1) difference array, so that filling every rectangle is one
-    bincount and two cumsums.
+    keys, the motion in those steps (vx * steps, vy * steps: two integer arrays [n]); fraction [n] of a square
+    that a block smaller than one covers (1 otherwise); area [n] in squares inside the frame (times the
+    fraction); corners [4, n] flat indices (r0,c0), (r0,c1), (r1,c0), (r1,c1) into a (rows+1) x (cols+1)
+    difference array, so that filling every rectangle is one bincount and two cumsums.
 
     The unit is a power of two from 4 to 16: codec blocks are powers of two from 4 to 16 pixels a side,
     aligned to their size inside 16x16 macroblocks, so a block either spans whole squares or lies inside
