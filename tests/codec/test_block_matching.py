@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from onevision_encoder.codec import block_motion
-from onevision_encoder.codec.block_matching import _block_motion_since, _camera_free_magnitude, _median
+from onevision_encoder.codec.block_matching import _block_motion_since, _camera_free_magnitude, _shift_median
 from onevision_encoder.codec.cells import _WorkMap
 
 
@@ -20,12 +20,16 @@ def test_whole_number_cells_match_in_integers_what_fractional_cells_match_in_flo
     assert np.mean(whole[0][8:-8, 8:-8] == 8) > 0.9  # it still finds the shift
 
 
-def test_weighted_median_is_numpys_median_of_the_repeated_values():
+def test_median_of_shifts_is_numpys_median_of_the_repeated_values():
     rng = np.random.default_rng(1)
-    for n in (1, 2, 7, 30):
-        values = rng.integers(-4, 5, n).astype(np.float32) * 4
+    for n in (1, 2, 7, 30, 400):
+        shifts = rng.integers(-4, 5, n)
         counts = rng.integers(1, 17, n)
-        assert _median(values, counts) == np.median(np.repeat(values, counts))
+        median = _shift_median(shifts.reshape(-1, 1), counts.reshape(-1, 1), 4)
+        assert median.dtype == np.float32 and median == np.median(np.repeat(shifts, counts))
+    # shifts that never occur (the bins left empty) are stepped over; an even total averages the middle two
+    assert _shift_median(np.array([-4, 4]), np.array([3, 3]), 4) == 0.0
+    assert _shift_median(np.array([-4, 4]), np.array([3, 4]), 4) == 4.0
 
 
 class _Done:

@@ -44,13 +44,16 @@ def block_motion(previous: np.ndarray, current: np.ndarray, radius: int = RADIUS
     return v[1, :h, :w].numpy(), v[0, :h, :w].numpy()
 
 
-def _block_shifts(previous: np.ndarray, current: np.ndarray, radius: int, block: int) -> torch.Tensor:
-    """`[blocks high, blocks wide, 2]`: each block's best shift (dy, dx) in cells (`block_motion`)."""
+def _block_shifts(previous: np.ndarray, current: np.ndarray, radius: int, block: int, whole: bool | None = None
+                  ) -> torch.Tensor:
+    """`[blocks high, blocks wide, 2]`: each block's best shift (dy, dx) in cells (`block_motion`). whole:
+    whether the cells are whole numbers in 0..255 (checked when not given)."""
     h, w = current.shape
     n = 2 * radius + 1
     bh, bw = -(-h // block), -(-w // block)
     height, width = bh * block, bw * block
-    whole = all(np.array_equal(c, np.trunc(c)) and np.abs(c).max(initial=0) <= 255 for c in (previous, current))
+    if whole is None:
+        whole = all(np.array_equal(c, np.trunc(c)) and np.abs(c).max(initial=0) <= 255 for c in (previous, current))
     exact = torch.float32 if not whole else torch.int16 if block * block * 255 < 2**15 else torch.int32
     padded = torch.from_numpy(np.ascontiguousarray(previous, np.float32))[None]
     padded = F.pad(padded, (radius, radius + width - w, radius, radius + height - h), mode="replicate")[0].to(exact)
@@ -72,7 +75,7 @@ def _block_shifts(previous: np.ndarray, current: np.ndarray, radius: int, block:
         sad += columns[..., i]
     shifts, grid_index, penalty = _search(radius)
     # the first minimum, in search order (`min(0)`, documented to give the first, ran 4x faster than argmin)
-    return shifts[sad.index_select(0, grid_index).float().mul_(penalty).min(0).indices]
+    return shifts[torch.mul(sad.index_select(0, grid_index), penalty).min(0).indices]
 
 
 def _block_motion_since(previous: Future, current: Future, wmap: _WorkMap, out: np.ndarray) -> None:
@@ -81,21 +84,23 @@ def _block_motion_since(previous: Future, current: Future, wmap: _WorkMap, out: 
     working grid in model pixels. `_camera_free_magnitude` of the cells, worked out per block (a block's
     cells share its motion, so the median over cells is one over blocks weighted by their cells inside)."""
     cells = current.result()
-    v = (_block_shifts(previous.result(), cells, RADIUS, BLOCK) * wmap.cell).float().numpy()  # [bh, bw, (y, x)]
+    shifts = _block_shifts(previous.result(), cells, RADIUS, BLOCK, whole=True).numpy()  # luma cells: 0..255
     h, w = cells.shape
-    inside = np.minimum(BLOCK, h - np.arange(v.shape[0]) * BLOCK)[:, None] * np.minimum(
-        BLOCK, w - np.arange(v.shape[1]) * BLOCK)[None, :]
-    magnitude = np.hypot(v[..., 1] - _median(v[..., 1], inside), v[..., 0] - _median(v[..., 0], inside))
+    inside = np.minimum(BLOCK, h - np.arange(shifts.shape[0]) * BLOCK)[:, None] * np.minimum(
+        BLOCK, w - np.arange(shifts.shape[1]) * BLOCK)[None, :]
+    v = shifts.astype(np.float32) * np.float32(wmap.cell)  # [bh, bw, (y, x)] in decoded pixels
+    camera = [_shift_median(shifts[..., axis], inside, RADIUS) * np.float32(wmap.cell) for axis in (0, 1)]
+    magnitude = np.hypot(v[..., 1] - camera[1], v[..., 0] - camera[0])
     out[...] = wmap(np.repeat(np.repeat(magnitude, BLOCK, 0), BLOCK, 1)[:h, :w]) * wmap.scale
 
 
-def _median(values: np.ndarray, counts: np.ndarray) -> np.float32:
-    """`np.median` of `values` each repeated `counts` times (float32: the middle one, or the mean of the two)."""
-    order = np.argsort(values, axis=None, kind="stable")
-    ends = np.cumsum(counts.ravel()[order])
+def _shift_median(shifts: np.ndarray, counts: np.ndarray, radius: int) -> np.float32:
+    """`np.median` of whole shifts in -radius..radius, each repeated `counts` times (the middle one, or the
+    mean of the two), from a count per shift."""
+    ends = np.cumsum(np.bincount(shifts.ravel() + radius, counts.ravel(), minlength=2 * radius + 1))
     n = int(ends[-1])
-    middle = values.ravel()[order][np.searchsorted(ends, [(n - 1) // 2, n // 2], side="right")]
-    return np.float32((middle[0] + middle[1]) / np.float32(2))
+    low, high = np.searchsorted(ends, [(n - 1) // 2, n // 2], side="right") - radius
+    return np.float32((low + high) / 2)
 
 
 def _camera_free_magnitude(vx: np.ndarray, vy: np.ndarray) -> np.ndarray:
