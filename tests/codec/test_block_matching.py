@@ -1,6 +1,7 @@
 """Block matching's shortcuts give what the plain computation gives."""
 
 import numpy as np
+import pytest
 import torch
 
 from onevision_encoder.codec import block_motion
@@ -18,6 +19,15 @@ def test_whole_number_cells_match_in_integers_what_fractional_cells_match_in_flo
     fractional = block_motion(previous + 0.25, current + 0.25, cell=4)
     assert all(np.array_equal(a, b) for a, b in zip(whole, fractional))
     assert np.mean(whole[0][8:-8, 8:-8] == 8) > 0.9  # it still finds the shift
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5])
+def test_any_block_size_finds_a_shift_of_the_whole_frame(block):
+    rng = np.random.default_rng(3)
+    previous = rng.integers(0, 256, (30, 50)).astype(np.float32)
+    current = np.roll(previous, (1, 2), axis=(0, 1))  # moved down 1, right 2: found 1 up, 2 left in `previous`
+    vx, vy = block_motion(previous, current, block=block, cell=1)
+    assert np.mean(vx[5:-5, 5:-5] == -2) > 0.9 and np.mean(vy[5:-5, 5:-5] == -1) > 0.9
 
 
 def test_median_of_shifts_is_numpys_median_of_the_repeated_values():

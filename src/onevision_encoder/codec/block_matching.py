@@ -65,17 +65,21 @@ def _block_shifts(previous: np.ndarray, current: np.ndarray, radius: int, block:
     diff[:, :, h:], diff[:, :, :, w:] = 0, 0  # cells past the frame's edge count nothing
     # Block sums: the block's rows first (contiguous adds), then its columns on a quarter of the data (strided
     # adds): 2x faster than columns first.
-    rows = diff.view(n * n, bh, block, width)
-    sad = rows[:, :, 0].clone()
-    for i in range(1, block):
-        sad += rows[:, :, i]
-    columns = sad.view(n * n, bh, bw, block)
-    sad = columns[..., 0].clone()
-    for i in range(1, block):
-        sad += columns[..., i]
+    sad = _added_up(diff.view(n * n, bh, block, width), 2)
+    sad = _added_up(sad.view(n * n, bh, bw, block), 3)
     shifts, grid_index, penalty = _search(radius)
     # the first minimum, in search order (`min(0)`, documented to give the first, ran 4x faster than argmin)
     return shifts[torch.mul(sad.index_select(0, grid_index), penalty).min(0).indices]
+
+
+def _added_up(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`x` summed over a short `dim` one slice after another: faster than `sum(dim)` here (whose integer sums
+    also widen to int64), and the same order of float additions whatever the shape."""
+    parts = x.unbind(dim)
+    total = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+    for part in parts[2:]:
+        total += part
+    return total
 
 
 def _block_motion_since(previous: Future, current: Future, wmap: _WorkMap, out: np.ndarray) -> None:
