@@ -1,8 +1,8 @@
-"""Block matching's shortcuts give what the plain computation gives."""
+"""Block matching (`codec/block_matching.py`): it finds known shifts, and its shortcuts give what the plain
+computation gives."""
 
 import numpy as np
 import pytest
-import torch
 
 from onevision_encoder.codec import block_motion
 from onevision_encoder.codec.block_matching import _block_motion_since, _camera_free_magnitude, _shift_median
@@ -19,6 +19,18 @@ def test_whole_number_cells_match_in_integers_what_fractional_cells_match_in_flo
     fractional = block_motion(previous + 0.25, current + 0.25, cell=4)
     assert all(np.array_equal(a, b) for a, b in zip(whole, fractional))
     assert np.mean(whole[0][8:-8, 8:-8] == 8) > 0.9  # it still finds the shift
+
+
+def test_block_motion_finds_a_known_shift_and_reads_flat_areas_as_still():
+    rng = np.random.default_rng(0)
+    previous = rng.uniform(0, 255, (45, 80)).astype(np.float32)
+    current = np.roll(previous, (2, -3), axis=(0, 1))  # current[y, x] = previous[y - 2, x + 3]
+    vx, vy = block_motion(previous, current, cell=4)
+    inner = (slice(8, -8), slice(8, -8))  # away from the wrapped-around border
+    assert np.all(vx[inner] == 12) and np.all(vy[inner] == -8)  # where each block came from, in pixels
+    flat = np.full((23, 41), 90.0, np.float32)  # odd size, every shift ties: the smallest (none) wins
+    vx, vy = block_motion(flat, flat)
+    assert vx.shape == (23, 41) and not vx.any() and not vy.any()
 
 
 @pytest.mark.parametrize("block", [1, 2, 3, 5])

@@ -14,10 +14,6 @@ from onevision_encoder.codec.reference import frame_difference, reference_motion
 from onevision_encoder.codec.video import motion_vectors
 from onevision_encoder.synthetic import write_video
 
-DTYPE = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
-         ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
-
-
 def _vector(source, w, h, x, y, motion_x, motion_y, scale=4):
     """An exported vector as FFmpeg writes it: dst = the block's centre, src = dst + motion / scale in C
     (integer division, truncated toward zero)."""
@@ -26,13 +22,13 @@ def _vector(source, w, h, x, y, motion_x, motion_y, scale=4):
     return (source, w, h, src_x, src_y, dst_x, dst_y, 0, motion_x, motion_y, scale)
 
 
-def test_l0_vectors_fill_their_cells_in_whole_pixels_truncated_toward_zero():
+def test_l0_vectors_fill_their_cells_in_whole_pixels_truncated_toward_zero(mv_dtype):
     mvs = np.array([
         _vector(-1, 16, 8, 0, 0, -7, 9),  # -1.75, 2.25 px -> -1, 2 (floor would give -2)
         _vector(1, 16, 16, 16, 0, 40, 40),  # list 1: ignored
         _vector(-1, 8, 8, 28, 12, 12, -3),  # half outside a 32-px-wide frame: 3, 0 px on the inside cells
         _vector(-1, 4, 4, 4, 24, 2, 3),  # under a pixel: truncates to no motion
-    ], dtype=DTYPE)
+    ], dtype=mv_dtype)
     vx, vy = whole_pixel_l0_cells(mvs, 8, 8)
     assert (vx[:2, :4] == -1).all() and (vy[:2, :4] == 2).all()
     assert (vx[3:5, 7] == 3).all() and not vy[3:5, 7].any()
@@ -54,16 +50,16 @@ def test_bitstream_vectors_follow_the_conventions_relied_on(tmp_path):
     assert set(np.unique(mvs["w"])) <= {4, 8, 16} and ((mvs["dst_x"] - mvs["w"] // 2) % 4 == 0).all()
 
 
-def test_median_counts_every_cell_and_a_zero_p95_makes_the_map_binary():
+def test_median_counts_every_cell_and_a_zero_p95_makes_the_map_binary(mv_dtype):
     rows = cols = 20  # 400 cells
     few = np.array([_vector(-1, 4, 4, 4 * i, 0, 4, 0) for i in range(10)]  # 10 cells at 1 px
-                   + [_vector(-1, 4, 4, 0, 8, 40, 0)], dtype=DTYPE)  # one at 10 px
+                   + [_vector(-1, 4, 4, 0, 8, 40, 0)], dtype=mv_dtype)  # one at 10 px
     m = reference_motion(few, rows, cols)
     # 11 of 400 cells move: the median is 0, the P95 is 0, the 1e-6 floor makes 1 px and 10 px both 1
     assert m.max() == 1 and np.count_nonzero(m) == 11 and set(np.unique(m)) == {0.0, 1.0}
     # most cells moving by 2 px (a camera pan), an object at 6 px: the median takes the pan out
     pan = np.array([_vector(-1, 16, 16, 16 * (i % 5), 16 * (i // 5), 8, 0) for i in range(20)]
-                   + [_vector(-1, 4, 4, 0, 76, 24, 0)], dtype=DTYPE)
+                   + [_vector(-1, 4, 4, 0, 76, 24, 0)], dtype=mv_dtype)
     m = reference_motion(pan, rows, cols)
     assert m[19, 0] == 1 and m[:16].max() == 0  # the object, not the panned background
     assert (m[16:19] > 0).all()  # cells no vector reaches count as still: against the pan they move
