@@ -134,8 +134,8 @@ def measure(path: str) -> dict:
         for policy in ("reference", DEFAULT_POLICY):
             kept = choose_patches(patch_scores(scan, policy), scan.valid, budget, (0,), policy == "balanced")
             psnr[(policy, budget)] = replenishment_psnr(frames, kept, scan.patch_size)
-    return {**timed, "cpu": cpu["select"] / cpu["decode"], "pass": cpu["pass"] / cpu["decode"], "psnr": psnr, "motion": scan.motion_source,
-            "frames": scan.total_frames}
+    return {**timed, "cpu": cpu["select"] / cpu["decode"], "pass": cpu["pass"] / cpu["decode"], "psnr": psnr,
+            "motion": scan.motion_source, "frames": scan.total_frames}
 
 
 def frame_sizes(text: str) -> list[tuple[int, int]]:
