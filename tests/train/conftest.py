@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from onevision_encoder.synthetic import write_image, write_video
 
@@ -60,6 +59,7 @@ class _Ranks:
 
     def __init__(self, processes):
         self.processes, self.returncode = processes, None
+        self.printed: list[str] = []  # per process, stdout then stderr, once they have ended
 
     def kill(self):
         for p in self.processes:
@@ -72,22 +72,22 @@ class _Ranks:
             self.kill()
             raise
         self.returncode = next((p.returncode for p in self.processes if p.returncode), 0)
-        return outputs[0][0], "".join(err for _, err in outputs)
+        self.printed = [(out or "") + (err or "") for out, err in outputs]
+        return outputs[0][0], "".join(err or "" for _, err in outputs)
 
 
 def _run_two_ranks(script: str, out_dir, timeout: float) -> None:
     """Run `python SCRIPT OUT_DIR RANK` for ranks 0 and 1 (one thread each) and wait for both; the test fails,
     with what they printed, if one hangs (both are killed) or exits with an error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, script, str(out_dir), str(rank)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    ranks = _Ranks([subprocess.Popen([sys.executable, script, str(out_dir), str(rank)], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True) for rank in range(2)])
     try:
-        outputs = [w.communicate(timeout=timeout)[0] for w in workers]
-    except subprocess.TimeoutExpired:
-        for w in workers:
-            w.kill()
-        pytest.fail(f"the two ranks did not finish in {timeout} s:\n" + "\n".join(w.communicate()[0] for w in workers))
-    assert [w.returncode for w in workers] == [0, 0], outputs
+        ranks.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # both killed
+        printed = [p.communicate()[0] for p in ranks.processes]
+        pytest.fail(f"the two ranks did not finish in {timeout} s:\n" + "\n".join(printed))
+    assert ranks.returncode == 0, ranks.printed
 
 
 @pytest.fixture(scope="session")
@@ -117,12 +117,10 @@ def tiny_config(training_data):
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(torch_threads):
     """Tiny models gain nothing from threads, and a busy machine makes OpenMP's spinning threads very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
